@@ -1,0 +1,29 @@
+"""textclass: train, evaluate, compress, export and serve text classifiers.
+
+The public API: `train()`, `evaluate()`, `Classifier.load(DIR).predict([...])` (also `load(DIR)`).
+Heavy libraries (torch, transformers) are imported when these are first used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["Classifier", "Config", "UserError", "evaluate", "load", "load_config", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import textclass` (and `textclass --help`) must not pay for importing torch.
+    if name in ("Classifier", "evaluate", "load", "train"):
+        from textclass import api
+
+        return getattr(api, name)
+    if name in ("Config", "load_config"):
+        from textclass import config
+
+        return getattr(config, name)
+    if name == "UserError":
+        from textclass.errors import UserError
+
+        return UserError
+    raise AttributeError(name)

@@ -1,0 +1,107 @@
+"""The Python API; the CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textclass.config import Config, build_config, load_config
+from textclass.errors import UserError
+from textclass.inference.predictor import Predictor, load_predictor
+
+
+def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
+    if isinstance(config, Config):
+        return build_config(config.model_dump(mode="json"), overrides)
+    if isinstance(config, dict):
+        return build_config(config, overrides)
+    return load_config(config, overrides)
+
+
+def train(
+    config: Config | dict | str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> "Any":
+    """Train a classifier; returns a `TrainResult` (run_dir, metrics).
+
+    `config` is a Config, a dict shaped like the YAML file, or a path to one; `overrides` are
+    `section.key=value` strings, exactly like `--set` on the command line.
+    """
+    from textclass.training.run import run_training
+
+    return run_training(_as_config(config, overrides), resume=resume, overwrite=overwrite)
+
+
+def evaluate(
+    model_dir: str | Path, data: str | Path, output_dir: str | Path | None = None, batch_size: int = 32, threshold: float | None = None
+) -> dict[str, Any]:
+    """Score a labelled file with a trained model and write the reports (metrics, per-class, confusion, badcases)."""
+    from textclass.data.prepare import read_eval_data
+    from textclass.evaluation import write_report
+
+    predictor = load_predictor(model_dir, batch_size=batch_size)
+    df, _ = read_eval_data(str(data), predictor.cfg.data, predictor.labels, require_labels=True)
+    probs = predictor.predict_proba(df["text"].tolist(), _pairs(df), progress=True)
+    out = Path(output_dir) if output_dir else Path(model_dir) / "eval" / Path(data).stem
+    labels = predictor.labels
+    try:
+        return write_report(
+            out,
+            texts=df["text"].tolist(),
+            text_pairs=_pairs(df),
+            y_true=np.asarray([labels.encode(ls) for ls in df["labels"]]).astype(int),
+            probs=probs,
+            label_names=labels.names,
+            multi_label=labels.multi_label,
+            threshold=predictor.threshold if threshold is None else threshold,
+            badcases=predictor.cfg.evaluation.badcases,
+        )
+    except OSError as err:
+        raise UserError(f"{out}: cannot write the report ({err.strerror}); choose a writable --output") from None
+
+
+def _pairs(df: Any) -> list[str] | None:
+    return df["text_pair"].tolist() if "text_pair" in df.columns else None
+
+
+class Classifier:
+    """A trained classifier loaded from its run directory.
+
+    >>> clf = Classifier.load("runs/bbc-news-encoder")
+    >>> clf.predict(["Shares rose sharply after the merger."])
+    [{'label': 'business', 'score': 0.97, 'scores': {...}}]
+    """
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @classmethod
+    def load(cls, run_dir: str | Path, batch_size: int = 32, threads: int | None = None) -> "Classifier":
+        return cls(load_predictor(run_dir, batch_size=batch_size, threads=threads))
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.predictor.labels.names)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.predictor.labels.multi_label
+
+    def predict_proba(self, texts: list[str], pairs: list[str] | None = None) -> np.ndarray:
+        return self.predictor.predict_proba(list(texts), list(pairs) if pairs is not None else None)
+
+    def predict(
+        self, texts: list[str], pairs: list[str] | None = None, top_k: int | None = None, threshold: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Per text: `label`, `score`, `scores` (single-label) or `labels`, `scores` (multi-label)."""
+        if isinstance(texts, str):
+            raise TypeError("predict() takes a list of texts; wrap a single text in a list")
+        return self.predictor.predict(list(texts), list(pairs) if pairs is not None else None, top_k, threshold)
+
+
+load = Classifier.load

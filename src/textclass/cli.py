@@ -1,0 +1,168 @@
+"""The `textclass` command: parse, call the API, print. No logic of its own.
+
+A `UserError` anywhere below becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from textclass.errors import EXIT_USER_ERROR, UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and use text classifiers.")
+data_app = typer.Typer(no_args_is_help=True, help="Built-in data sets.")
+app.add_typer(data_app, name="data")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("textclass").setLevel(logging.DEBUG if verbose else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # keep progress bars, drop library chatter
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.epochs=2"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (training.output_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Train a classifier and write its run directory."""
+    from textclass.api import train as api_train
+    from textclass.config import build_config, load_config
+
+    overrides = list(set_) + ([f"training.output_dir={output}"] if output else [])
+    if resume and config is None and output is not None:
+        from textclass.training.run import load_pending_config
+
+        cfg = build_config(load_pending_config(output), overrides, source=str(output))
+    else:
+        cfg = load_config(config, overrides)
+    result = api_train(cfg, resume=resume, overwrite=overwrite)
+    _print_metrics(result.metrics)
+    typer.echo(f"run directory: {result.run_dir}")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    for split in ("valid", "test"):
+        if split in metrics:
+            shown = {k: v for k, v in metrics[split].items() if isinstance(v, float)}
+            typer.echo(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
+    data: Path = typer.Option(..., "--data", "-d", help="Labelled file (same columns as training)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default DIR/eval/<file>)."),
+    batch_size: int = typer.Option(32, help="Texts per batch."),
+    threshold: Optional[float] = typer.Option(None, help="Multi-label threshold (default: the run's)."),
+) -> None:
+    """Per-class report, confusion matrix and badcases for a labelled file."""
+    from textclass.api import evaluate as api_evaluate
+    from textclass.evaluation import format_report
+
+    report = api_evaluate(model, data, output, batch_size=batch_size, threshold=threshold)
+    typer.echo(format_report(report, title=f"{data} ({report['metrics'].get('num_examples', '?')} examples)"))
+    typer.echo(f"reports written to {Path(next(iter(report['files'].values()))).parent}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
+    input: Optional[Path] = typer.Option(None, "--input", help="CSV/TSV/JSON/JSONL/Parquet file of texts."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="CSV or JSONL file to write."),
+    interactive: bool = typer.Option(False, "-i", "--interactive", help="Type sentences, see ranked labels."),
+    top_k: Optional[int] = typer.Option(None, help="Keep the k best class scores per text."),
+    threshold: Optional[float] = typer.Option(None, help="Multi-label threshold (default: the run's)."),
+    batch_size: int = typer.Option(32, help="Texts per batch."),
+) -> None:
+    """Predict labels for a file, or interactively."""
+    from textclass.inference.io import predict_file, interactive_loop
+    from textclass.inference.predictor import load_predictor
+
+    if interactive == (input is not None):
+        raise UserError("predict: give either --input FILE (with --output FILE) or -i for interactive mode")
+    if input is not None and output is None:
+        raise UserError("predict: --output FILE is required with --input (a .csv or .jsonl path)")
+    predictor = load_predictor(model, batch_size=batch_size)
+    if interactive:
+        interactive_loop(predictor, top_k=top_k or 5)
+        return
+    assert input is not None and output is not None
+    n, unknown = predict_file(predictor, input, output, top_k=top_k, threshold=threshold)
+    if unknown:
+        typer.echo(f"note: {input} has labels the model does not know: {', '.join(unknown[:10])}", err=True)
+    typer.echo(f"wrote {n} predictions to {output}")
+
+
+@app.command()
+def info(model: Path = typer.Option(..., "--model", "-m", help="Run directory.")) -> None:
+    """Parameters, size on disk, labels and measured latency."""
+    from textclass.inference.io import model_info
+
+    for key, value in model_info(model).items():
+        typer.echo(f"{key:>22}: {value}")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List the built-in offline data sets."""
+    from textclass.data.builtin import list_builtin
+
+    for b in list_builtin():
+        typer.echo(f"{b.name:<16} {b.language}  {len(b.labels)} labels  {b.description}")
+
+
+@data_app.command("export")
+def data_export(name: str = typer.Argument(...), directory: Path = typer.Argument(...)) -> None:
+    """Write a built-in data set's train/valid/test CSVs into DIRECTORY."""
+    from textclass.data.builtin import export_builtin
+
+    for p in export_builtin(name, directory):
+        typer.echo(str(p))
+
+
+def main() -> None:
+    """Entry point: run the app, turning UserError into one line and exit code 2."""
+    _setup_logging()
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(EXIT_USER_ERROR)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

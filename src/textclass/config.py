@@ -1,0 +1,261 @@
+"""The one configuration schema.
+
+The YAML file, `--set key=value` overrides on the command line and the Python API all build the same
+pydantic model, so a value is validated in exactly one place. Unknown keys are rejected (`extra="forbid"`)
+and every error names its dotted key path and what is allowed. The resolved config is written into every
+run directory, which is how `predict`/`evaluate` know how the model was built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from textclass.errors import UserError
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the data is and how its columns map to text and labels."""
+
+    dataset: str | None = Field(
+        None,
+        description="A built-in data set (`textclass data list`) or a Hugging Face hub data set name. "
+        "Ignored when `train` is given.",
+    )
+    dataset_config: str | None = Field(None, description="Hub data set configuration name, if it has several.")
+    train: str | None = Field(None, description="Training file or `save_to_disk` folder.")
+    valid: str | None = Field(None, description="Validation file; if absent, split off `valid_ratio` of train.")
+    test: str | None = Field(None, description="Test file, evaluated after training.")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "disk"] = Field(
+        "auto", description="File format; `auto` decides by extension."
+    )
+    encoding: str = Field("utf-8", description="Text encoding of CSV/TSV/JSON files.")
+    text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="Second text column for text-pair tasks.")
+    label_column: str = "label"
+    label_delimiter: str | None = Field(
+        None, description="Split string labels on this delimiter into multi-label lists (e.g. ',' or '|')."
+    )
+    multi_label: Literal["auto"] | bool = Field("auto", description="`auto`: multi-label when labels are lists.")
+    valid_ratio: float = Field(0.1, gt=0.0, lt=0.5, description="Share of train held out when no `valid`.")
+    empty_texts: Literal["drop", "error"] = Field("drop", description="Empty/null texts: drop with a warning, or fail.")
+    dedup: bool = Field(False, description="Drop exact (normalised) duplicates found by the leak audit.")
+    seed: int = 42
+
+
+class EncoderModelConfig(_Section):
+    """Any Hugging Face encoder (BERT, RoBERTa, DeBERTa, XLM-R, MiniLM, ...)."""
+
+    family: Literal["encoder"] = "encoder"
+    name: str = Field(DEFAULT_ENCODER, description="Hub name or local folder of the encoder.")
+    head: Literal["linear", "hf"] = Field(
+        "linear",
+        description="`linear`: pooling + dropout + linear layer; `hf`: AutoModelForSequenceClassification, "
+        "so the run directory also loads in `transformers.pipeline`.",
+    )
+    pooling: Literal["cls", "mean"] = Field("cls", description="`cls`: the CLS token of the last layer.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(256, ge=8, le=8192, description="Maximum tokens per example (truncated beyond).")
+
+
+class SmallModelConfig(_Section):
+    """Small models trained from scratch (fastText, TextCNN, RNNs, small Transformer)."""
+
+    family: Literal["small"] = "small"
+    arch: Literal["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"] = "fasttext"
+    tokenizer: Literal["auto", "word", "char", "jieba"] = "auto"
+    lowercase: bool = True
+    min_freq: int = Field(1, ge=1)
+    max_vocab: int | None = Field(50_000, ge=2)
+    max_length: int = Field(256, ge=1, le=100_000)
+    embedding_dim: int = Field(128, ge=2)
+    pretrained_vectors: str | None = Field(None, description="word2vec text file to initialise embeddings.")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    # fastText
+    word_ngrams: int = Field(2, ge=1, le=6)
+    minn: int = Field(0, ge=0)
+    maxn: int = Field(0, ge=0)
+    buckets: int = Field(2_000_000, ge=1)
+    # CNN
+    filter_sizes: list[int] = Field(default_factory=lambda: [2, 3, 4])
+    num_filters: int = Field(128, ge=1)
+    # RNN / RCNN / Transformer
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(1, ge=1)
+    rnn_type: Literal["lstm", "gru"] = "lstm"
+    rnn_pooling: Literal["max", "mean", "attention"] = "max"
+    num_heads: int = Field(4, ge=1)
+
+
+ModelConfig = Annotated[Union[EncoderModelConfig, SmallModelConfig], Field(discriminator="family")]
+
+
+class TrainingConfig(_Section):
+    """How to train; maps onto Hugging Face `TrainingArguments`."""
+
+    output_dir: str | None = Field(None, description="Run directory; default runs/<data>-<family>.")
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="If > 0, overrides epochs.")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, ge=0)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="`auto`: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."
+    )
+    eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; default: every epoch.")
+    best_metric: str = Field("macro_f1", description="Metric that picks the best checkpoint (or `loss`).")
+    save_total_limit: int = Field(2, ge=1)
+    keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after a finished run (for inspection).")
+    early_stopping_patience: int | None = Field(None, ge=1)
+    class_weights: Literal["none", "balanced"] | list[float] = "none"
+    group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
+    tensorboard: bool = False
+    logging_steps: int = Field(20, ge=1)
+    seed: int = 42
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice.")
+
+    @field_validator("best_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        allowed = {"loss", "accuracy", "macro_f1", "micro_f1", "weighted_f1", "subset_accuracy", "hamming_loss"}
+        if v not in allowed:
+            raise ValueError(f"must be one of {sorted(allowed)}")
+        return v
+
+
+class EvaluationConfig(_Section):
+    """Evaluation and prediction options."""
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="Multi-label decision threshold.")
+    tune_threshold: bool = Field(False, description="Multi-label: pick the threshold maximising valid micro-F1.")
+    badcases: bool = True
+
+
+class Config(_Section):
+    """A whole textclass job: data, model, training, evaluation."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=EncoderModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _has_data(self) -> "Config":
+        if self.data.train is None and self.data.dataset is None:
+            raise ValueError("data: set `data.train` (a file) or `data.dataset` (built-in or hub name)")
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: the first problem with its dotted key path (discriminator branches stripped)."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"] if str(p) not in ("encoder", "small")]
+    key = ".".join(loc) or "(top level)"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        section = _section_for(loc[:-1])
+        allowed = sorted(section.model_fields) if section else []
+        msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+    elif e["type"] == "literal_error":
+        msg = msg.replace("Input should be", "must be")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: bad config key `{key}`: {msg}{more}"
+
+
+def _section_for(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for p in path:
+        field = model.model_fields.get(p)
+        if field is None:
+            return None
+        ann = field.annotation
+        if p == "model":
+            return None  # a union: allowed keys depend on family
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return None
+    return model
+
+
+def parse_value(text: str) -> Any:
+    """Parse a `--set` value with YAML rules (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides to a raw config dict (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set training.epochs=2")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or parts[0] not in Config.model_fields:
+            raise UserError(
+                f"--set {key}: keys start with a section ({', '.join(Config.model_fields)}), "
+                "e.g. --set training.epochs=2"
+            )
+        node = raw
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {key}: `{p}` is not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """Validate a raw dict (+ overrides) into a Config, or raise a one-line UserError."""
+    raw = apply_overrides(dict(raw or {}), overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (optional) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found; check the path or copy one from configs/")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: a config must be a mapping with sections data/model/training/evaluation")
+        raw = loaded
+    return build_config(raw, overrides, source)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")

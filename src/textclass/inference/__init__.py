@@ -1,0 +1,1 @@
+"""Prediction from run directories (torch backend)."""

@@ -1,0 +1,126 @@
+"""Prediction to files, the interactive prompt, and `info` measurements."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from textclass.errors import UserError
+from textclass.inference.predictor import Predictor
+
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _output_format(path: Path) -> str:
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UserError(f"{path}: unknown output format {path.suffix!r}; use a .csv or .jsonl file name")
+    if not path.parent.exists():
+        raise UserError(f"{path}: folder {path.parent} does not exist; create it or choose another --output")
+    return fmt
+
+
+def predictions_frame(predictor: Predictor, df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
+    """CSV layout: the input text(s), the decision, and one `score_<label>` column per class."""
+    out = pd.DataFrame({"text": df["text"]})
+    if "text_pair" in df.columns:
+        out["text_pair"] = df["text_pair"]
+    if predictor.labels.multi_label:
+        out["labels"] = ["|".join(r["labels"]) for r in results]
+    else:
+        out["label"] = [r["label"] for r in results]
+        out["score"] = [r["score"] for r in results]
+    for name in predictor.labels.names:
+        out[f"score_{name}"] = [r["scores"].get(name) for r in results]
+    return out
+
+
+def predict_file(
+    predictor: Predictor, input_path: Path, output_path: Path, top_k: int | None = None, threshold: float | None = None
+) -> tuple[int, list[str]]:
+    """Predict every row of a file and write CSV or JSONL atomically; returns (rows, unknown labels)."""
+    from textclass.data.prepare import read_eval_data
+
+    fmt = _output_format(output_path)
+    df, unknown = read_eval_data(str(input_path), predictor.cfg.data, predictor.labels, require_labels=False)
+    pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
+    probs = predictor.predict_proba(df["text"].tolist(), pairs, progress=True)
+    results = predictor.decode(probs, top_k=top_k, threshold=threshold)
+    tmp = output_path.with_name(output_path.name + ".tmp")
+    try:
+        if fmt == "csv":
+            predictions_frame(predictor, df, results).to_csv(tmp, index=False)
+        else:
+            with tmp.open("w", encoding="utf-8") as f:
+                for text, r in zip(df["text"], results):
+                    f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
+        tmp.replace(output_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{output_path}: cannot write ({err.strerror}); choose a writable --output") from None
+    return len(df), unknown
+
+
+def render_scores(result: dict[str, Any], width: int = 30) -> str:
+    """Ranked labels with bars, for the terminal."""
+    lines = []
+    chosen = set(result.get("labels", [result.get("label")]))
+    for name, p in result["scores"].items():
+        bar = "█" * int(round(p * width))
+        mark = "*" if name in chosen else " "
+        lines.append(f" {mark} {name:<20} {p:6.3f} {bar}")
+    return "\n".join(lines)
+
+
+def interactive_loop(predictor: Predictor, top_k: int = 5) -> None:
+    """Read sentences from the terminal until EOF or an empty line; print ranked labels."""
+    print(f"labels: {', '.join(predictor.labels.names)}\ntype a sentence (empty line or Ctrl-D to quit)")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        print(render_scores(predictor.predict([text], top_k=top_k)[0]))
+
+
+def _dir_size(path: Path) -> int:
+    skip = {"checkpoints", "eval", "runs"}
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (set(f.relative_to(path).parts) & skip))
+
+
+def model_info(run_dir: str | Path, repeats: int = 5) -> dict[str, Any]:
+    """Parameters, size on disk, labels and measured latency at batch 1 and 32 (median of `repeats`)."""
+    from textclass.inference.predictor import load_predictor
+
+    predictor = load_predictor(run_dir, batch_size=32)
+    params = list(predictor.model.parameters())
+    sentence = "The committee said on Tuesday that the new rules would take effect next year after a review. "
+    texts = [sentence * 3] * 32
+
+    def median_ms(batch: list[str]) -> float:
+        predictor.predict_proba(batch)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            predictor.predict_proba(batch)
+            times.append((time.perf_counter() - t0) * 1000)
+        return sorted(times)[len(times) // 2]
+
+    ms1, ms32 = median_ms(texts[:1]), median_ms(texts)
+    return {
+        "family": predictor.cfg.model.family,
+        "model": getattr(predictor.cfg.model, "name", getattr(predictor.cfg.model, "arch", "")),
+        "task": "multi-label" if predictor.labels.multi_label else "single-label",
+        "labels": f"{predictor.labels.num_labels}: {', '.join(predictor.labels.names)}",
+        "parameters": f"{sum(p.numel() for p in params):,}",
+        "trainable parameters": f"{sum(p.numel() for p in params if p.requires_grad):,}",
+        "size on disk": f"{_dir_size(Path(run_dir)) / 1e6:.1f} MB",
+        "latency batch 1": f"{ms1:.1f} ms",
+        "latency batch 32": f"{ms32:.1f} ms ({32000 / ms32:.0f} texts/s)",
+    }

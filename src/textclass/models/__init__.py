@@ -1,0 +1,1 @@
+"""Model families behind one registry: encoder (Hugging Face), small (from scratch); llm later."""

@@ -1,0 +1,79 @@
+"""The run directory: the contract between training and everything after it.
+
+A run directory holds the weights (safetensors), the tokenizer, `labels.json`, the resolved
+`config.yaml`, metrics and reports. `predict`, `evaluate`, `serve` and `Classifier.load` need that folder
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import nn
+
+from textclass.config import Config, build_config
+from textclass.data.labels import LabelSet
+from textclass.errors import UserError
+from textclass.models.registry import Family, get_family
+
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class Run:
+    """A loaded run directory."""
+
+    path: Path
+    cfg: Config
+    labels: LabelSet
+    family: Family
+    model: nn.Module
+    tokenizer: Any
+
+
+def check_run_dir(path: str | Path) -> Path:
+    """The path, if it is a finished run directory; else a one-line error saying what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: no such run directory; pass the folder `textclass train` wrote (e.g. runs/NAME)")
+    missing = [f for f in (CONFIG_FILE, LABELS_FILE) if not (p / f).is_file()]
+    if missing:
+        hint = " (training may not have finished; resume with `textclass train --resume`)" if (p / "checkpoints").is_dir() else ""
+        raise UserError(f"{p}: not a textclass run directory, missing {', '.join(missing)}{hint}")
+    return p
+
+
+def read_run_config(path: Path) -> Config:
+    try:
+        raw = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"{path / CONFIG_FILE}: unreadable; the run directory is damaged") from None
+    return build_config(raw, source=str(path / CONFIG_FILE))
+
+
+def load_run(path: str | Path) -> Run:
+    """Load config, labels, tokenizer and model from a run directory."""
+    p = check_run_dir(path)
+    cfg = read_run_config(p)
+    labels = LabelSet.load(p / LABELS_FILE)
+    family = get_family(cfg.model.family)
+    try:
+        model, tokenizer = family.load(cfg.model, p, labels.num_labels, labels.id2label)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(
+            f"{p}: the model files are missing or damaged ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
+        ) from None
+    return Run(p, cfg, labels, family, model, tokenizer)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,186 @@
+"""One training run, from config to a finished run directory.
+
+Order matters for the user: everything a user can get wrong (data files, columns, labels, model name) is
+checked before the run directory is touched, and the files that mark a run as finished (`config.yaml`,
+`labels.json`) are written last, so an interrupted run is never mistaken for a usable model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from textclass.config import Config, save_config
+from textclass.data.prepare import PreparedData, prepare_data
+from textclass.errors import UserError
+from textclass.inference.predictor import Predictor
+from textclass.models.registry import get_family
+from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE, write_json
+from textclass.training.trainer import build_trainer, tokenize
+
+log = logging.getLogger("textclass")
+PENDING_CONFIG = "textclass_config.yaml"  # inside checkpoints/, so --resume can find the run's config
+
+
+@dataclass
+class TrainResult:
+    """Where the run went and what it scored."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+
+
+def default_run_dir(cfg: Config) -> Path:
+    source = cfg.data.dataset if not cfg.data.train else Path(cfg.data.train).stem
+    return Path("runs") / f"{source}-{cfg.model.family}".replace("/", "_")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create, reuse (resume) or clear (overwrite) the run directory, refusing to clobber by accident."""
+    ckpt = run_dir / "checkpoints"
+    looks_like_run = (run_dir / CONFIG_FILE).exists() or ckpt.exists()
+    if resume:
+        if not any(ckpt.glob("checkpoint-*")):
+            raise UserError(f"{run_dir}: --resume but no checkpoint there; train without --resume first")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            what = "a finished run" if (run_dir / CONFIG_FILE).exists() else "checkpoints of an unfinished run"
+            hint = "--overwrite or another --output" + ("" if what.startswith("a fin") else ", or --resume")
+            raise UserError(f"{run_dir}: already holds {what}; pass {hint}")
+        if not looks_like_run:
+            raise UserError(f"{run_dir}: not empty and not a textclass run; refusing to overwrite it")
+        shutil.rmtree(run_dir)
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{run_dir}: cannot create the run directory ({err.strerror})") from None
+
+
+def pending_config(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / PENDING_CONFIG
+
+
+def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train, pick the best checkpoint, evaluate valid/test, and write the run directory."""
+    from transformers import set_seed
+
+    if cfg.training.num_threads:
+        torch.set_num_threads(cfg.training.num_threads)
+    data = prepare_data(cfg.data)
+    _log_data(data)
+    family = get_family(cfg.model.family)
+    tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
+    set_seed(cfg.training.seed)
+    model = family.build_model(cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label)
+
+    run_dir = Path(cfg.training.output_dir) if cfg.training.output_dir else default_run_dir(cfg)
+    cfg.training.output_dir = str(run_dir)
+    prepare_run_dir(run_dir, resume, overwrite)
+    save_config(cfg, pending_config(run_dir))
+
+    key = str(getattr(tokenizer, "name_or_path", ""))
+    train_ds = tokenize(family, tokenizer, cfg, data.train, data.labels, key)
+    valid_ds = tokenize(family, tokenizer, cfg, data.valid, data.labels, key)
+    trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints")
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    model = trainer.model
+
+    predictor = Predictor(model, tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
+    metrics: dict[str, Any] = {"train": _train_summary(trainer)}
+    valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
+    if data.labels.multi_label and cfg.evaluation.tune_threshold:
+        from textclass.evaluation import tune_threshold
+
+        y = np.asarray([data.labels.encode(ls) for ls in data.valid["labels"]], dtype=int)
+        cfg.evaluation.threshold, f1 = tune_threshold(y, valid_probs)
+        log.info("tuned multi-label threshold on valid: %.2f (micro-F1 %.4f)", cfg.evaluation.threshold, f1)
+    metrics["valid"] = _report(run_dir / "eval" / "valid", data.valid, valid_probs, predictor)["metrics"]
+    if data.test is not None:
+        test_probs = predictor.predict_proba(data.test["text"].tolist(), _pairs(data.test), progress=True)
+        metrics["test"] = _report(run_dir / "eval" / "test", data.test, test_probs, predictor)["metrics"]
+
+    _write_run(run_dir, cfg, data, family, model, tokenizer, trainer, metrics)
+    return TrainResult(run_dir, metrics)
+
+
+def _pairs(df: Any) -> list[str] | None:
+    return df["text_pair"].tolist() if "text_pair" in df.columns else None
+
+
+def _report(out_dir: Path, df: Any, probs: np.ndarray, predictor: Predictor) -> dict[str, Any]:
+    from textclass.evaluation import write_report
+
+    labels = predictor.labels
+    y_true = np.asarray([labels.encode(ls) for ls in df["labels"]])
+    return write_report(
+        out_dir,
+        texts=df["text"].tolist(),
+        text_pairs=_pairs(df),
+        y_true=y_true.astype(int),
+        probs=probs,
+        label_names=labels.names,
+        multi_label=labels.multi_label,
+        threshold=predictor.threshold,
+        badcases=predictor.cfg.evaluation.badcases,
+    )
+
+
+def _train_summary(trainer: Any) -> dict[str, Any]:
+    state = trainer.state
+    last = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})
+    return {
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "best_checkpoint": state.best_model_checkpoint,
+        "best_metric": state.best_metric,
+        "train_runtime_s": last.get("train_runtime"),
+        "train_samples_per_second": last.get("train_samples_per_second"),
+    }
+
+
+def _write_run(run_dir: Path, cfg: Config, data: PreparedData, family: Any, model: Any, tokenizer: Any, trainer: Any, metrics: dict) -> None:
+    """Weights, tokenizer, logs and reports first; config and labels (the 'finished' marks) last."""
+    from textclass.evaluation import plot_training_curves
+
+    family.save(model, tokenizer, cfg.model, run_dir)
+    write_json(run_dir / "training_log.json", trainer.state.log_history)
+    plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
+    write_json(run_dir / "data_audit.json", {"sources": data.sources, **data.audit})
+    write_json(run_dir / METRICS_FILE, metrics)
+    if not cfg.training.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    data.labels.save(run_dir / LABELS_FILE)
+    save_config(cfg, run_dir / CONFIG_FILE)
+
+
+def _log_data(data: PreparedData) -> None:
+    a = data.audit
+    log.info(
+        "data: %s | labels (%s): %s",
+        ", ".join(f"{k} {v}" for k, v in a["sizes"].items()),
+        "multi-label" if data.labels.multi_label else "single-label",
+        ", ".join(data.labels.names[:20]),
+    )
+    dups = {**{f"within {k}": v for k, v in a["within"].items()}, **a["across"]}
+    if any(dups.values()):
+        log.warning(
+            "leak audit: duplicate texts %s%s",
+            ", ".join(f"{k}: {v}" for k, v in dups.items() if v),
+            "" if a["dedup"] else " (set data.dedup=true to drop them)",
+        )
+
+
+def load_pending_config(run_dir: Path) -> dict[str, Any]:
+    """The raw config an unfinished run was started with (for `train --resume` without --config)."""
+    p = pending_config(run_dir)
+    if not p.is_file():
+        raise UserError(f"{run_dir}: no unfinished run to resume here (missing {p.name}); pass --config")
+    return yaml.safe_load(p.read_text(encoding="utf-8"))

@@ -1,0 +1,192 @@
+"""Hugging Face Trainer, adapted to textclass models.
+
+We subclass `Trainer` only where our models differ from HF's: they return logits and the loss comes from
+our loss factory. Everything else (schedules, accumulation, clipping, mixed precision, checkpoints with
+optimizer/scheduler/RNG state, best-model selection, early stopping, distributed engines) is the
+Trainer's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import EvalPrediction
+
+from textclass.config import Config
+from textclass.data.labels import LabelSet
+from textclass.errors import UserError
+from textclass.inference.predictor import make_collator, probabilities
+from textclass.models.registry import Family
+
+LOWER_IS_BETTER = {"loss", "hamming_loss"}
+
+
+class ClassifierTrainer(Trainer):
+    """Trainer whose loss is textclass's loss factory applied to the model's logits."""
+
+    def __init__(self, *args: Any, loss_fn: nn.Module, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_fn = loss_fn
+        # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        labels = inputs.pop("labels")
+        logits = model(**inputs)
+        loss = self.loss_fn.to(logits.device)(logits.float(), labels)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TEXTCLASS_CACHE", Path.home() / ".cache" / "textclass"))
+
+
+def tokenize(
+    family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labels: LabelSet | None, key_extra: str = ""
+) -> Any:
+    """Tokenize a split once into an Arrow-backed `datasets.Dataset`, cached on disk by content.
+
+    The cache key covers the model section (tokenizer and max length), the texts and the tokenizer's own
+    state, so a changed vocabulary or length never reuses stale ids.
+    """
+    import datasets
+
+    texts = df["text"].tolist()
+    pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
+    h = hashlib.sha256()
+    h.update(cfg.model.model_dump_json().encode())
+    h.update(key_extra.encode())
+    h.update(json.dumps([texts, pairs], ensure_ascii=False).encode())
+    folder = cache_dir() / "tokenized"
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"text": texts} | ({"text_pair": pairs} if pairs is not None else {})
+    ds = datasets.Dataset.from_dict(data)
+
+    def enc(batch: dict[str, list]) -> dict[str, list]:
+        out = family.encode(tokenizer, cfg.model, batch["text"], batch.get("text_pair"))
+        out["length"] = [len(x) for x in out["input_ids"]]
+        return out
+
+    ds = ds.map(
+        enc,
+        batched=True,
+        batch_size=1000,
+        remove_columns=list(data),
+        cache_file_name=str(folder / f"{h.hexdigest()[:32]}.arrow"),
+        desc="Tokenizing",
+    )
+    if labels is not None:
+        ds = ds.add_column("labels", [labels.encode(ls) for ls in df["labels"]])
+    return ds
+
+
+def resolve_precision(precision: str) -> dict[str, bool]:
+    """TrainingArguments flags for the requested precision, checked against the hardware."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        if cuda:
+            return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
+        return {}
+    if precision == "fp16" and not cuda:
+        raise UserError("training.precision=fp16 needs a CUDA GPU and none is visible; use fp32 or bf16")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError("training.precision=bf16: this GPU has no bf16; use fp16")
+    return {"fp16": True} if precision == "fp16" else {"bf16": True} if precision == "bf16" else {}
+
+
+def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> TrainingArguments:
+    """Map our training section onto TrainingArguments (one place)."""
+    t = cfg.training
+    strategy = "steps" if t.eval_steps else "epoch"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.scheduler if t.scheduler != "constant" else "constant_with_warmup",
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in transformers 5
+        gradient_accumulation_steps=t.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        eval_strategy=strategy if has_valid else "no",
+        save_strategy=strategy,
+        eval_steps=t.eval_steps,
+        save_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_valid,
+        metric_for_best_model=t.best_metric,
+        greater_is_better=t.best_metric not in LOWER_IS_BETTER,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        report_to=["tensorboard"] if t.tensorboard else "none",
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        save_safetensors=True,
+        **resolve_precision(t.precision),
+    )
+
+
+def metrics_fn(labels: LabelSet, threshold: float) -> Any:
+    """`compute_metrics` for the Trainer: our metric names, computed by scikit-learn."""
+    from textclass.evaluation import compute_metrics
+
+    def fn(pred: EvalPrediction) -> dict[str, float]:
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        probs = probabilities(torch.as_tensor(logits), labels.multi_label).numpy()
+        y_true = np.asarray(pred.label_ids)
+        if labels.multi_label:
+            y_pred = (probs >= threshold).astype(int)
+            y_true = y_true.astype(int)
+        else:
+            y_pred = probs.argmax(-1)
+        return compute_metrics(y_true, y_pred, multi_label=labels.multi_label, num_labels=labels.num_labels)
+
+    return fn
+
+
+def build_trainer(
+    cfg: Config,
+    family: Family,
+    model: nn.Module,
+    tokenizer: Any,
+    labels: LabelSet,
+    train_ds: Any,
+    valid_ds: Any,
+    output_dir: Path,
+) -> ClassifierTrainer:
+    """Assemble the Trainer with our loss, metrics, collator and callbacks."""
+    from textclass.training.losses import make_loss
+
+    train_labels = np.asarray(train_ds["labels"]) if cfg.training.class_weights == "balanced" else None
+    loss_fn = make_loss(labels.multi_label, labels.num_labels, cfg.training.class_weights, train_labels)
+    callbacks = []
+    if cfg.training.early_stopping_patience and valid_ds is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
+    return ClassifierTrainer(
+        model=model,
+        args=training_arguments(cfg, output_dir, valid_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=valid_ds,
+        data_collator=make_collator(family, tokenizer, cfg, labels.multi_label),
+        compute_metrics=metrics_fn(labels, cfg.evaluation.threshold),
+        callbacks=callbacks,
+        loss_fn=loss_fn,
+    )
