@@ -8,6 +8,7 @@ run directory, which is how `predict`/`evaluate` know how the model was built.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -153,6 +154,14 @@ class Config(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_family(cls, raw: Any) -> Any:
+        # The model section is a union keyed by `family`; a section without it means the default family.
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "family" not in raw["model"]:
+            raw = {**raw, "model": {"family": "encoder", **raw["model"]}}
+        return raw
+
     @model_validator(mode="after")
     def _has_data(self) -> "Config":
         if self.data.train is None and self.data.dataset is None:
@@ -224,7 +233,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None = None, source: str = "config") -> Config:
     """Validate a raw dict (+ overrides) into a Config, or raise a one-line UserError."""
-    raw = apply_overrides(dict(raw or {}), overrides or [])
+    raw = apply_overrides(copy.deepcopy(raw or {}), overrides or [])
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -23,6 +23,7 @@ from textclass.errors import UserError
 from textclass.inference.predictor import Predictor
 from textclass.models.registry import get_family
 from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE, write_json
+from textclass.training.losses import make_loss
 from textclass.training.trainer import build_trainer, tokenize
 
 log = logging.getLogger("textclass")
@@ -80,6 +81,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
     set_seed(cfg.training.seed)
     model = family.build_model(cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label)
+    train_labels = np.asarray([data.labels.encode(ls) for ls in data.train["labels"]])
+    loss_fn = make_loss(data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights, train_labels)
 
     run_dir = Path(cfg.training.output_dir) if cfg.training.output_dir else default_run_dir(cfg)
     cfg.training.output_dir = str(run_dir)
@@ -89,7 +92,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     key = str(getattr(tokenizer, "name_or_path", ""))
     train_ds = tokenize(family, tokenizer, cfg, data.train, data.labels, key)
     valid_ds = tokenize(family, tokenizer, cfg, data.valid, data.labels, key)
-    trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints")
+    trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints", loss_fn)
     trainer.train(resume_from_checkpoint=True if resume else None)
     model = trainer.model
 

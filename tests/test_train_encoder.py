@@ -1,0 +1,194 @@
+"""End to end on a tiny random BERT: train, run directory, evaluate, predict, resume, heads, losses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from textclass import Classifier, evaluate, train
+from textclass.errors import UserError
+
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One trained tiny run shared by the read-only tests below."""
+    from conftest import make_texts
+
+    root = tmp_path_factory.mktemp("trained")
+    files = {}
+    for split, (n, seed) in {"train": (120, 10), "valid": (30, 11), "test": (30, 12)}.items():
+        files[split] = root / f"{split}.csv"
+        make_texts(n, seed).to_csv(files[split], index=False)
+    result = train(tiny_config(tiny_bert, files, root / "run"))
+    return result, files
+
+
+def test_learns_the_toy_task(trained) -> None:
+    result, _ = trained
+    assert result.metrics["test"]["accuracy"] >= 0.9
+    assert result.metrics["valid"]["macro_f1"] >= 0.9
+
+
+def test_run_directory_contract(trained) -> None:
+    result, _ = trained
+    run = result.run_dir
+    for name in ["config.yaml", "labels.json", "model.safetensors", "encoder_config.json", "tokenizer.json",
+                 "metrics.json", "training_log.json", "training_curves.png", "data_audit.json"]:
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints").exists()  # finished runs keep only what prediction needs
+    for name in ["metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "badcases.csv"]:
+        assert (run / "eval" / "test" / name).is_file(), name
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels == {"labels": ["food", "sport", "tech"], "multi_label": False}
+    assert not list(run.rglob("*.pt")) and not list(run.rglob("*.bin"))  # safetensors only
+
+
+def test_classifier_load_predict_matches_training_eval(trained) -> None:
+    result, files = trained
+    clf = Classifier.load(result.run_dir)
+    test = pd.read_csv(files["test"])
+    preds = clf.predict(test["text"].tolist())
+    assert set(preds[0]) == {"label", "score", "scores"}
+    assert list(preds[0]["scores"].values()) == sorted(preds[0]["scores"].values(), reverse=True)
+    acc = np.mean([p["label"] == g for p, g in zip(preds, test["label"])])
+    assert acc == pytest.approx(result.metrics["test"]["accuracy"])
+    probs = clf.predict_proba(test["text"].tolist())
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_batching_order_and_padding_do_not_change_scores(trained) -> None:
+    result, files = trained
+    texts = pd.read_csv(files["test"])["text"].tolist()[:9]
+    batched = Classifier.load(result.run_dir, batch_size=4).predict_proba(texts)
+    single = np.stack([Classifier.load(result.run_dir, batch_size=1).predict_proba([t])[0] for t in texts])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_evaluate_writes_reports(trained, tmp_path: Path) -> None:
+    result, files = trained
+    report = evaluate(result.run_dir, files["test"], tmp_path / "rep")
+    assert report["metrics"]["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    bad = pd.read_csv(tmp_path / "rep" / "badcases.csv")
+    assert len(bad) == report["num_errors"]
+    cm = pd.read_csv(tmp_path / "rep" / "confusion_matrix.csv", index_col=0)
+    assert int(cm.to_numpy().sum()) == 30
+
+
+def test_pooling_finds_cls_anywhere() -> None:
+    from textclass.models.encoder import pool
+
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    ids = torch.tensor([[101, 5, 6, 0], [0, 0, 7, 101]])  # second row: left padding, CLS last (XLNet-style)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    assert pool(hidden, mask, ids, "cls", 101).flatten().tolist() == [0.0, 7.0]
+    assert pool(hidden, mask, ids, "mean", 101).flatten().tolist() == [1.0, 6.5]
+
+
+def test_hf_head_and_mean_pooling_train(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "hf", epochs=8, learning_rate=1e-3)
+    cfg["model"]["head"] = "hf"
+    result = train(cfg)
+    assert (result.run_dir / "config.json").is_file()
+    assert result.metrics["test"]["accuracy"] >= 0.8
+    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "mean", epochs=3)
+    cfg["model"]["pooling"] = "mean"
+    assert train(cfg).metrics["test"]["accuracy"] >= 0.8
+
+
+def test_multilabel_bce_and_threshold(tiny_bert: Path, tmp_path: Path) -> None:
+    from conftest import make_texts
+
+    def tags(df: pd.DataFrame) -> pd.DataFrame:
+        out = df.copy()
+        urgent = np.arange(len(df)) % 2 == 0
+        out["text"] = [t + " urgent" if u else t for t, u in zip(df["text"], urgent)]
+        out["tags"] = [[l] + (["urgent"] if u else []) for l, u in zip(df["label"], urgent)]
+        return out.drop(columns="label")
+
+    files = {}
+    for split, (n, seed) in {"train": (150, 20), "test": (30, 21)}.items():
+        files[split] = tmp_path / f"{split}.jsonl"
+        tags(make_texts(n, seed)).to_json(files[split], orient="records", lines=True)
+    cfg = tiny_config(tiny_bert, files, tmp_path / "ml", epochs=6, best_metric="micro_f1")
+    cfg["data"]["label_column"] = "tags"
+    cfg["evaluation"] = {"tune_threshold": True}
+    result = train(cfg)
+    assert result.metrics["test"]["micro_f1"] >= 0.6
+    assert {"subset_accuracy", "hamming_loss"} <= set(result.metrics["test"])
+    clf = Classifier.load(result.run_dir)
+    assert clf.multi_label and clf.labels == ["food", "sport", "tech", "urgent"]
+    pred = clf.predict(["match goal team player coach urgent"])[0]
+    assert pred["labels"] == ["sport", "urgent"] or pred["labels"] == ["urgent", "sport"]
+
+
+def test_text_pairs_train(tiny_bert: Path, tmp_path: Path) -> None:
+    from conftest import make_texts
+
+    a, b = make_texts(120, 30), make_texts(120, 31).sample(frac=1, random_state=0).reset_index(drop=True)
+    df = pd.DataFrame({"q1": a["text"], "q2": b["text"], "same": (a["label"] == b["label"]).map({True: "yes", False: "no"})})
+    df.to_csv(tmp_path / "pairs.csv", index=False)
+    cfg = tiny_config(tiny_bert, {"train": tmp_path / "pairs.csv"}, tmp_path / "pairs", epochs=1)
+    cfg["data"].update(text_column="q1", text_pair_column="q2", label_column="same")
+    result = train(cfg)
+    clf = Classifier.load(result.run_dir)
+    out = clf.predict(["goal team"], pairs=["match coach"])
+    assert out[0]["label"] in {"yes", "no"}
+
+
+def test_resume_matches_uninterrupted(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    """Stop after the first epoch's checkpoint, resume, and end with the same metrics and weights."""
+    from transformers import TrainerCallback
+
+    class StopAfterFirstSave(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            raise KeyboardInterrupt("simulated crash")
+
+    full = train(tiny_config(tiny_bert, toy_files, tmp_path / "full", epochs=2, keep_checkpoints=True))
+
+    import textclass.training.trainer as tr
+
+    original = tr.build_trainer
+
+    def crashing(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(StopAfterFirstSave())
+        return trainer
+
+    tr.build_trainer = crashing
+    import textclass.training.run as run_mod
+
+    run_mod.build_trainer = crashing
+    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "resumed", epochs=2, keep_checkpoints=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        tr.build_trainer = original
+        run_mod.build_trainer = original
+    assert not (tmp_path / "resumed" / "config.yaml").exists()  # unfinished runs are not loadable
+    with pytest.raises(UserError, match="not a textclass run directory"):
+        Classifier.load(tmp_path / "resumed")
+    resumed = train(cfg, resume=True)
+    assert resumed.metrics["valid"] == full.metrics["valid"]
+    assert resumed.metrics["test"] == full.metrics["test"]
+    a = Classifier.load(full.run_dir).predict_proba(["goal team chip"])
+    b = Classifier.load(resumed.run_dir).predict_proba(["goal team chip"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_existing_run_dir_is_not_clobbered(trained, tiny_bert: Path) -> None:
+    result, files = trained
+    with pytest.raises(UserError, match="already holds a finished run; pass --overwrite"):
+        train(tiny_config(tiny_bert, files, result.run_dir))
+
+
+def test_class_weights_length_checked(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="3 labels"):
+        train(tiny_config(tiny_bert, toy_files, tmp_path / "w", class_weights=[1.0, 2.0]))
