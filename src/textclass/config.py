@@ -95,6 +95,9 @@ class SmallModelConfig(_Section):
     rnn_type: Literal["lstm", "gru"] = "lstm"
     rnn_pooling: Literal["max", "mean", "attention"] = "max"
     num_heads: int = Field(4, ge=1)
+    positional_encoding: Literal["sinusoidal", "learned"] = Field(
+        "sinusoidal", description="Transformer: fixed sine/cosine positions, or a learned table of max_length rows."
+    )
 
 
 ModelConfig = Annotated[Union[EncoderModelConfig, SmallModelConfig], Field(discriminator="family")]

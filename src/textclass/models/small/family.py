@@ -1,0 +1,144 @@
+"""The `small` family: models trained from scratch on our own tokenizers.
+
+Architectures (`model.arch`): fasttext, textcnn, textrnn, textrcnn, transformer. All share one
+tokenizer/vocabulary (`textclass.text`), one id layout (vocabulary rows first, `<pad>`=0, `<unk>`=1,
+`<sep>`=2) and a module attribute `embedding` whose first rows are the vocabulary, which is where
+`pretrained_vectors` are written.
+
+Batches: the sequence models get right-padded `input_ids` + `attention_mask`; fastText gets a flat id
+tensor + `offsets` for its EmbeddingBag (vocabulary ids and hashed n-gram ids, no padding). Text pairs are
+joined as `text <sep> pair` by the tokenizer.
+
+Run directory: `tokenizer.json` (kind, lowercase, vocabulary; JSON) and `model.safetensors` (the state
+dict). `load` rebuilds the network from the saved config and never reads `pretrained_vectors` again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from textclass.config import SmallModelConfig
+from textclass.errors import UserError
+from textclass.models.registry import Collator, Family, register
+from textclass.models.small.cnn import TextCNN
+from textclass.models.small.common import pad_batch
+from textclass.models.small.fasttext import FastText, collate_bags, hashed_features, uses_buckets
+from textclass.models.small.rnn import TextRCNN, TextRNN
+from textclass.models.small.transformer import TransformerClassifier
+from textclass.text import TOKENIZER_FILE, UNK_ID, TextTokenizer, load_word2vec
+
+log = logging.getLogger("textclass")
+
+WEIGHTS_FILE = "model.safetensors"
+
+_Builder = Callable[[SmallModelConfig, int, int], nn.Module]
+_BUILDERS: dict[str, _Builder] = {
+    "fasttext": lambda c, v, n: FastText(v, n, c.embedding_dim, c.buckets if uses_buckets(c.word_ngrams, c.maxn) else 0),
+    "textcnn": lambda c, v, n: TextCNN(v, n, c.embedding_dim, c.filter_sizes, c.num_filters, c.dropout),
+    "textrnn": lambda c, v, n: TextRNN(
+        v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.rnn_pooling, c.dropout
+    ),
+    "textrcnn": lambda c, v, n: TextRCNN(v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.dropout),
+    "transformer": lambda c, v, n: TransformerClassifier(
+        v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.num_heads, c.max_length, c.positional_encoding, c.dropout
+    ),
+}
+
+
+def check_config(cfg: SmallModelConfig) -> None:
+    """Combinations the schema cannot check field by field."""
+    if cfg.arch == "textcnn" and (not cfg.filter_sizes or min(cfg.filter_sizes) < 1):
+        raise UserError(f"model.filter_sizes: {cfg.filter_sizes} must be a non-empty list of widths >= 1, e.g. [2, 3, 4]")
+    if cfg.arch == "transformer" and cfg.hidden_size % cfg.num_heads:
+        raise UserError(
+            f"model.num_heads: {cfg.num_heads} does not divide model.hidden_size {cfg.hidden_size}; "
+            "pick num_heads that divides it (e.g. 4 for 128)"
+        )
+    if cfg.arch == "fasttext" and cfg.maxn > 0 and cfg.minn > cfg.maxn:
+        raise UserError(f"model.minn: {cfg.minn} is larger than model.maxn {cfg.maxn}; e.g. minn: 3, maxn: 6")
+
+
+def make_model(cfg: SmallModelConfig, vocab_size: int, num_labels: int) -> nn.Module:
+    """The network for `cfg.arch`, freshly initialised."""
+    check_config(cfg)
+    return _BUILDERS[cfg.arch](cfg, vocab_size, num_labels)
+
+
+def init_from_vectors(model: nn.Module, tokenizer: TextTokenizer, cfg: SmallModelConfig) -> int:
+    """Copy word2vec vectors into the vocabulary rows of `model.embedding`; returns how many were found."""
+    if not cfg.pretrained_vectors:
+        return 0
+    ids, vectors = load_word2vec(cfg.pretrained_vectors, tokenizer.vocab, cfg.embedding_dim, cfg.lowercase)
+    if len(ids):
+        weight = model.embedding.weight
+        with torch.no_grad():
+            weight[torch.from_numpy(ids)] = torch.from_numpy(vectors).to(weight.dtype)
+    return len(ids)
+
+
+def _pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = pad_batch([list(f["input_ids"]) for f in features])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@register("small")
+class SmallFamily(Family):
+    """fastText, TextCNN, TextRNN, TextRCNN and a small Transformer over our own tokenizers."""
+
+    def build_tokenizer(self, cfg: SmallModelConfig, train_texts: list[str]) -> TextTokenizer:
+        return TextTokenizer.fit(train_texts, cfg.tokenizer, cfg.lowercase, cfg.min_freq, cfg.max_vocab)
+
+    def encode(
+        self, tokenizer: TextTokenizer, cfg: SmallModelConfig, texts: list[str], pairs: list[str] | None
+    ) -> dict[str, list]:
+        """`input_ids` (vocabulary ids, <= max_length, never empty); fastText adds hashed `ngram_ids`."""
+        hashed = cfg.arch == "fasttext" and uses_buckets(cfg.word_ngrams, cfg.maxn)
+        out: dict[str, list] = {"input_ids": []}
+        if hashed:
+            out["ngram_ids"] = []
+        for i, text in enumerate(texts):
+            tokens = tokenizer.tokens(text, pairs[i] if pairs is not None else None, cfg.max_length)
+            out["input_ids"].append(tokenizer.vocab.ids(tokens) or [UNK_ID])
+            if hashed:
+                out["ngram_ids"].append(
+                    hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
+                )
+        return out
+
+    def collator(self, tokenizer: TextTokenizer, cfg: SmallModelConfig) -> Collator:
+        return collate_bags if cfg.arch == "fasttext" else _pad_collate
+
+    def build_model(
+        self, cfg: SmallModelConfig, num_labels: int, tokenizer: TextTokenizer, id2label: dict[int, str]
+    ) -> nn.Module:
+        model = make_model(cfg, len(tokenizer.vocab), num_labels)
+        init_from_vectors(model, tokenizer, cfg)
+        return model
+
+    def save(self, model: nn.Module, tokenizer: TextTokenizer, cfg: SmallModelConfig, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        tokenizer.save(run_dir / TOKENIZER_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt", "arch": cfg.arch})
+
+    def load(
+        self, cfg: SmallModelConfig, run_dir: Path, num_labels: int, id2label: dict[int, str]
+    ) -> tuple[nn.Module, TextTokenizer]:
+        run_dir = Path(run_dir)
+        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE)
+        weights = run_dir / WEIGHTS_FILE
+        if not weights.is_file():
+            raise UserError(f"{weights}: weights missing; the run directory is incomplete, train again")
+        model = make_model(cfg, len(tokenizer.vocab), num_labels)
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise UserError(f"{weights}: does not match config.yaml (model.{cfg.arch}): {first[:200]}") from None
+        return model.eval(), tokenizer

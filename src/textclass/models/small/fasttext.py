@@ -1,0 +1,126 @@
+"""fastText for classification (Joulin et al. 2016, "Bag of Tricks for Efficient Text Classification").
+
+A text is the *mean* of the embeddings of its features, followed by one linear layer; no hidden layer, no
+nonlinearity. Features are:
+
+- each word in the vocabulary: its own row (rows 0 .. V-1, shared layout with the other small models),
+- word n-grams for n = 2 .. `word_ngrams`: hashed into `buckets` rows after the vocabulary,
+- character n-grams of `<word>` (boundary markers as fastText), lengths `minn` .. `maxn`: the same buckets.
+
+Hashing follows fastText's `dictionary.cc` exactly: FNV-1a 32-bit over UTF-8 bytes with fastText's
+sign-extension of bytes >= 0x80, word hashes kept as signed 32-bit ints, n-gram hashes combined as
+`h = h * 116049371 + hash(next word)` in 64-bit arithmetic, bucket = h mod `buckets`. Python's built-in
+`hash()` is salted per process and would give different ids after a restart, so it is never used.
+
+Where fastText drops out-of-vocabulary words (keeping only their character n-grams), we give them the
+shared `<unk>` row, which also gives an empty text one feature. As in fastText, no buckets are allocated
+when neither word nor character n-grams are used.
+
+`nn.EmbeddingBag(mode="mean")` reads a flat id tensor plus per-text offsets, so there is no padding at all.
+The model returns logits: single-label training applies softmax cross-entropy and multi-label one-vs-all
+sigmoid BCE, both in the shared loss factory. Memory: (V + buckets) x dim float32 values, e.g. 2,050,003 x
+128 x 4 B = 1.05 GB at the defaults (plus the same again for gradients and twice for Adam's moments).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from textclass.text.vocab import SPECIALS
+
+_FNV_OFFSET = 2166136261
+_FNV_PRIME = 16777619
+_NGRAM_MULT = 116049371
+_U32 = 0xFFFFFFFF
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+
+@lru_cache(maxsize=1 << 20)
+def fnv1a_32(text: str) -> int:
+    """fastText's string hash: FNV-1a 32-bit over UTF-8 bytes, bytes >= 0x80 sign-extended as int8."""
+    h = _FNV_OFFSET
+    for byte in text.encode("utf-8"):
+        h = ((h ^ (byte if byte < 0x80 else byte | 0xFFFFFF00)) * _FNV_PRIME) & _U32
+    return h
+
+
+def _as_int32_u64(h: int) -> int:
+    """fastText stores word hashes as int32 and widens them to uint64 (sign extension)."""
+    return (h - (1 << 32) if h >= (1 << 31) else h) & _U64
+
+
+def uses_buckets(word_ngrams: int, maxn: int) -> bool:
+    """fastText allocates hash buckets only when some n-gram feature exists."""
+    return word_ngrams > 1 or maxn > 0
+
+
+def word_ngram_buckets(tokens: list[str], n: int, buckets: int) -> list[int]:
+    """Bucket ids (0 .. buckets-1) of all word n-grams with 2 <= length <= n, in fastText's order."""
+    hashes = [_as_int32_u64(fnv1a_32(t)) for t in tokens]
+    out = []
+    for i in range(len(hashes)):
+        h = hashes[i]
+        for j in range(i + 1, min(i + n, len(hashes))):
+            h = (h * _NGRAM_MULT + hashes[j]) & _U64
+            out.append(h % buckets)
+    return out
+
+
+@lru_cache(maxsize=1 << 18)
+def char_ngram_buckets(word: str, minn: int, maxn: int, buckets: int) -> tuple[int, ...]:
+    """Bucket ids of the character n-grams of `<word>` (single boundary characters are skipped)."""
+    w = f"<{word}>"
+    out = []
+    for i in range(len(w)):
+        for n in range(max(minn, 1), maxn + 1):
+            if i + n > len(w):
+                break
+            if n == 1 and (i == 0 or i + n == len(w)):
+                continue
+            out.append(fnv1a_32(w[i : i + n]) % buckets)
+    return tuple(out)
+
+
+def hashed_features(tokens: list[str], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int) -> list[int]:
+    """Embedding rows of the n-gram features of one text: `vocab_size + bucket id`."""
+    if not uses_buckets(word_ngrams, maxn):
+        return []
+    ids = word_ngram_buckets(tokens, word_ngrams, buckets) if word_ngrams > 1 else []
+    if maxn > 0:
+        for t in tokens:
+            if t not in SPECIALS:
+                ids.extend(char_ngram_buckets(t, minn, maxn, buckets))
+    return [vocab_size + b for b in ids]
+
+
+def collate_bags(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Flat ids + offsets for EmbeddingBag.
+
+    `offsets` comes first on purpose: Hugging Face's `find_batch_size` takes the first tensor's length
+    as the batch size, and the flat `input_ids` is as long as all features together.
+    """
+    bags = [list(f["input_ids"]) + list(f.get("ngram_ids") or []) for f in features]
+    lengths = torch.tensor([0] + [len(b) for b in bags[:-1]], dtype=torch.long)
+    flat = [i for b in bags for i in b]
+    return {"offsets": torch.cumsum(lengths, 0), "input_ids": torch.tensor(flat, dtype=torch.long)}
+
+
+class FastText(nn.Module):
+    """Mean of feature embeddings -> linear layer -> logits."""
+
+    def __init__(self, vocab_size: int, num_labels: int, dim: int, buckets: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.EmbeddingBag(vocab_size + buckets, dim, mode="mean")
+        self.fc = nn.Linear(dim, num_labels)
+        # fastText's initialisation: inputs uniform in +-1/dim, output layer zero.
+        nn.init.uniform_(self.embedding.weight, -1.0 / dim, 1.0 / dim)
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, input_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embedding(input_ids, offsets))
