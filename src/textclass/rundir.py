@@ -7,7 +7,6 @@ and nothing else.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,3 @@ def load_run(path: str | Path) -> Run:
             f"{p}: the model files are missing or damaged ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
         ) from None
     return Run(p, cfg, labels, family, model, tokenizer)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
-    tmp.replace(path)

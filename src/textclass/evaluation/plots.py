@@ -2,40 +2,21 @@
 
 matplotlib is imported only when a figure is drawn, and figures are rendered by the headless Agg canvas,
 so importing `textclass.evaluation` stays cheap and plotting works on servers without a display.
-`atomic_write` lives here, the lowest module of the package, so reports and figures share one way of
-writing files.
+Figures are written with `textclass.fileio.atomic_write`, like every other file of a run.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from textclass.fileio import atomic_write
+
 DPI = 120
 # Keys of a Trainer eval log that are bookkeeping, not quality metrics.
 _NOT_METRICS = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temp file beside `path`, then rename it into place.
-
-    A crash or a full disk mid-write then leaves the old file (or none), never half a file.
-    """
-    path = Path(path)
-    # A unique name (concurrent writers don't collide) created by `write` itself, so the file gets the
-    # usual umask permissions; mkstemp would make reports readable by their owner only.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _figure(figsize: tuple[float, float]) -> Any:

@@ -8,7 +8,6 @@ reading (label noise, missing classes, shortcuts). `format_report` renders the s
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from textclass.evaluation.metrics import compute_metrics, per_class_report
-from textclass.evaluation.plots import atomic_write, plot_confusion_matrix, plot_multilabel_confusion
+from textclass.evaluation.plots import plot_confusion_matrix, plot_multilabel_confusion
+from textclass.fileio import atomic_write, write_json
 
 
 def write_report(
@@ -58,8 +58,8 @@ def write_report(
     def save(name: str, write: Callable[[Path], Any]) -> None:
         files[name] = atomic_write(out / name, write)
 
-    save("metrics.json", lambda tmp: _dump_json(tmp, metrics))
-    save("per_class.json", lambda tmp: _dump_json(tmp, per_class))
+    files["metrics.json"] = write_json(out / "metrics.json", metrics)
+    files["per_class.json"] = write_json(out / "per_class.json", per_class)
     save("per_class.csv", lambda tmp: pd.DataFrame(per_class).to_csv(tmp, index=False))
     labels = list(range(len(label_names)))
     title = f"{out.name} (n={len(texts)})"
@@ -119,10 +119,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{value:.4f}"
     return str(value)
-
-
-def _dump_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def _check_inputs(

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from textclass.errors import UserError
+from textclass.fileio import atomic_write
 from textclass.inference.predictor import Predictor
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -50,17 +51,18 @@ def predict_file(
     pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
     probs = predictor.predict_proba(df["text"].tolist(), pairs, progress=True)
     results = predictor.decode(probs, top_k=top_k, threshold=threshold)
-    tmp = output_path.with_name(output_path.name + ".tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         if fmt == "csv":
             predictions_frame(predictor, df, results).to_csv(tmp, index=False)
         else:
             with tmp.open("w", encoding="utf-8") as f:
                 for text, r in zip(df["text"], results):
                     f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
-        tmp.replace(output_path)
+
+    try:
+        atomic_write(output_path, write)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"{output_path}: cannot write ({err.strerror}); choose a writable --output") from None
     return len(df), unknown
 

@@ -22,7 +22,8 @@ from textclass.data.prepare import PreparedData, prepare_data
 from textclass.errors import UserError
 from textclass.inference.predictor import Predictor
 from textclass.models.registry import get_family
-from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE, write_json
+from textclass.fileio import write_json
+from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE
 from textclass.training.losses import make_loss
 from textclass.training.trainer import build_trainer, tokenize
 

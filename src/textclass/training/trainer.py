@@ -131,7 +131,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         greater_is_better=t.best_metric not in LOWER_IS_BETTER,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to=["tensorboard"] if t.tensorboard else "none",
+        report_to="none",  # TensorBoard is attached as a callback writing into the run directory
         seed=t.seed,
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -142,6 +142,17 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         dataloader_pin_memory=torch.cuda.is_available(),
         **resolve_precision(t.precision),
     )
+
+
+def tensorboard_callback(log_dir: Path) -> Any:
+    """TensorBoard logs in the run directory (HF's default puts them under checkpoints/, which we delete)."""
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("training.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
 def metrics_fn(labels: LabelSet, threshold: float) -> Any:
@@ -174,9 +185,11 @@ def build_trainer(
     loss_fn: nn.Module,
 ) -> ClassifierTrainer:
     """Assemble the Trainer with our loss, metrics, collator and callbacks."""
-    callbacks = []
+    callbacks: list[Any] = []
     if cfg.training.early_stopping_patience and valid_ds is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
+    if cfg.training.tensorboard:
+        callbacks.append(tensorboard_callback(output_dir.parent / "tensorboard"))
     return ClassifierTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, valid_ds is not None),

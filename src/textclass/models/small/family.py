@@ -6,7 +6,7 @@ tokenizer/vocabulary (`textclass.text`), one id layout (vocabulary rows first, `
 `pretrained_vectors` are written.
 
 Batches: the sequence models get right-padded `input_ids` + `attention_mask`; fastText gets a flat id
-tensor + `offsets` for its EmbeddingBag (vocabulary ids and hashed n-gram ids, no padding). Text pairs are
+tensor + `offsets` for its EmbeddingBag (vocabulary ids then hashed n-gram rows, no padding). Text pairs are
 joined as `text <sep> pair` by the tokenizer.
 
 Run directory: `tokenizer.json` (kind, lowercase, vocabulary; JSON) and `model.safetensors` (the state
@@ -97,19 +97,21 @@ class SmallFamily(Family):
     def encode(
         self, tokenizer: TextTokenizer, cfg: SmallModelConfig, texts: list[str], pairs: list[str] | None
     ) -> dict[str, list]:
-        """`input_ids` (vocabulary ids, <= max_length, never empty); fastText adds hashed `ngram_ids`."""
+        """`input_ids`: vocabulary ids of the first `max_length` tokens (never empty).
+
+        For fastText the hashed n-gram rows follow the vocabulary ids in the same list. One column keeps
+        the Arrow cache schema fixed: a separate n-gram column can be empty for a whole batch (one-word
+        texts), `datasets` then infers a null type and fails on the next batch.
+        """
         hashed = cfg.arch == "fasttext" and uses_buckets(cfg.word_ngrams, cfg.maxn)
-        out: dict[str, list] = {"input_ids": []}
-        if hashed:
-            out["ngram_ids"] = []
+        ids: list[list[int]] = []
         for i, text in enumerate(texts):
             tokens = tokenizer.tokens(text, pairs[i] if pairs is not None else None, cfg.max_length)
-            out["input_ids"].append(tokenizer.vocab.ids(tokens) or [UNK_ID])
+            row = tokenizer.vocab.ids(tokens) or [UNK_ID]
             if hashed:
-                out["ngram_ids"].append(
-                    hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
-                )
-        return out
+                row += hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
+            ids.append(row)
+        return {"input_ids": ids}
 
     def collator(self, tokenizer: TextTokenizer, cfg: SmallModelConfig) -> Collator:
         return collate_bags if cfg.arch == "fasttext" else _pad_collate
@@ -135,9 +137,10 @@ class SmallFamily(Family):
         weights = run_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise UserError(f"{weights}: weights missing; the run directory is incomplete, train again")
-        model = make_model(cfg, len(tokenizer.vocab), num_labels)
+        with torch.device("meta"):  # no throw-away random init (fastText's table is ~1 GB at the defaults)
+            model = make_model(cfg, len(tokenizer.vocab), num_labels)
         try:
-            model.load_state_dict(load_file(str(weights)))
+            model.load_state_dict(load_file(str(weights)), assign=True)
         except RuntimeError as err:
             first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
             raise UserError(f"{weights}: does not match config.yaml (model.{cfg.arch}): {first[:200]}") from None

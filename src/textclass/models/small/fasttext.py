@@ -103,22 +103,24 @@ def collate_bags(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     `offsets` comes first on purpose: Hugging Face's `find_batch_size` takes the first tensor's length
     as the batch size, and the flat `input_ids` is as long as all features together.
     """
-    bags = [list(f["input_ids"]) + list(f.get("ngram_ids") or []) for f in features]
-    lengths = torch.tensor([0] + [len(b) for b in bags[:-1]], dtype=torch.long)
-    flat = [i for b in bags for i in b]
+    lengths = torch.tensor([0] + [len(f["input_ids"]) for f in features[:-1]], dtype=torch.long)
+    flat = [i for f in features for i in f["input_ids"]]
     return {"offsets": torch.cumsum(lengths, 0), "input_ids": torch.tensor(flat, dtype=torch.long)}
 
 
 class FastText(nn.Module):
     """Mean of feature embeddings -> linear layer -> logits."""
 
-    def __init__(self, vocab_size: int, num_labels: int, dim: int, buckets: int) -> None:
+    def __init__(self, vocab_size: int, num_labels: int, dim: int, buckets: int, sparse: bool = False) -> None:
+        """`sparse=True` gives sparse embedding gradients (needs `torch.optim.SparseAdam` or SGD for them):
+        with 2M buckets a dense Adam step touches all 256M values, a sparse one only the rows in the batch."""
         super().__init__()
         self.vocab_size = vocab_size
-        self.embedding = nn.EmbeddingBag(vocab_size + buckets, dim, mode="mean")
+        # fastText's initialisation: inputs uniform in +-1/dim (built directly, not after a default init
+        # that would cost a second pass over a ~1 GB matrix), output layer zero.
+        weight = torch.empty(vocab_size + buckets, dim).uniform_(-1.0 / dim, 1.0 / dim)
+        self.embedding = nn.EmbeddingBag(vocab_size + buckets, dim, mode="mean", sparse=sparse, _weight=weight)
         self.fc = nn.Linear(dim, num_labels)
-        # fastText's initialisation: inputs uniform in +-1/dim, output layer zero.
-        nn.init.uniform_(self.embedding.weight, -1.0 / dim, 1.0 / dim)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 

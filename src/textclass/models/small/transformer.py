@@ -46,8 +46,8 @@ class TransformerClassifier(nn.Module):
         self.proj = nn.Linear(dim, hidden_size) if dim != hidden_size else nn.Identity()
         if positional == "learned":
             self.position = nn.Parameter(torch.randn(max_length, hidden_size) * 0.02)
-        else:  # not saved: rebuilt from max_length on load
-            self.register_buffer("position", sinusoidal_table(max_length, hidden_size), persistent=False)
+        else:  # saved with the weights (small), so loading can build the module on the meta device
+            self.register_buffer("position", sinusoidal_table(max_length, hidden_size))
         layer = nn.TransformerEncoderLayer(
             hidden_size,
             num_heads,

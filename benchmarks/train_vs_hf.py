@@ -1,0 +1,180 @@
+"""textclass vs a plain Hugging Face Trainer script, same model, data and settings.
+
+The plain script is written the way transformers' `examples/pytorch/text-classification/
+run_classification.py` does it: `load_dataset("csv")`, a label->id map, tokenisation with
+`padding="max_length"` (that example's default, `pad_to_max_length=True`), `AutoModelForSequenceClassification`,
+the default collator, `Trainer.train()`, then `Trainer.predict()` on the test split.
+
+Each variant runs in a fresh subprocess (same threads, no shared caches) and reports wall time, training
+samples/s and test accuracy; the parent prints them side by side and writes JSON to benchmarks/results/.
+
+    python benchmarks/train_vs_hf.py --dataset bbc-news --epochs 3 --max-length 256 --batch-size 16
+    python benchmarks/train_vs_hf.py --dataset chinese-reviews --train-limit 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def export_data(dataset: str, folder: Path, train_limit: int | None) -> dict[str, Path]:
+    """The built-in splits as CSV files (train optionally cut to a stratified-by-shuffle prefix)."""
+    from textclass.data.builtin import load_builtin
+
+    paths = {}
+    for split, df in load_builtin(dataset).items():
+        if split == "train" and train_limit:
+            df = df.sample(frac=1.0, random_state=0).head(train_limit)
+        paths[split] = folder / f"{split}.csv"
+        df.to_csv(paths[split], index=False)
+    return paths
+
+
+def run_plain(args: argparse.Namespace, files: dict[str, str]) -> dict:
+    """The run_classification.py way."""
+    import numpy as np
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+
+    from textclass.models.encoder import resolve_model_path
+
+    raw = load_dataset("csv", data_files={"train": files["train"], "validation": files["valid"], "test": files["test"]})
+    label_list = sorted(set(raw["train"]["label"]))
+    label_to_id = {l: i for i, l in enumerate(label_list)}
+    path = resolve_model_path(MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(label_list), id2label=dict(enumerate(label_list)), label2id=label_to_id
+    )
+
+    def preprocess(examples: dict) -> dict:
+        result = tokenizer(examples["text"], padding="max_length", max_length=args.max_length, truncation=True)
+        result["label"] = [label_to_id[l] for l in examples["label"]]
+        return result
+
+    raw = raw.map(preprocess, batched=True, remove_columns=["text"])
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=args.lr,
+        warmup_steps=0.1,
+        weight_decay=0.01,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+        logging_steps=50,
+    )
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=raw["train"], eval_dataset=raw["validation"],
+        processing_class=tokenizer, data_collator=default_data_collator,
+    )
+    t0 = time.perf_counter()
+    train_out = trainer.train()
+    train_s = time.perf_counter() - t0
+    pred = trainer.predict(raw["test"])
+    total_s = time.perf_counter() - t0
+    acc = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
+    return {"train_s": train_s, "total_s": total_s, "samples_per_s": train_out.metrics["train_samples_per_second"], "test_accuracy": acc}
+
+
+def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
+    """The same job through textclass's API (dynamic padding, length grouping, per-epoch validation)."""
+    from textclass import train
+
+    cfg = {
+        "data": files,
+        "model": {"name": MODEL, "max_length": args.max_length},
+        "training": {
+            "output_dir": tempfile.mkdtemp() + "/run",
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.lr,
+            "warmup_ratio": 0.1,
+            "logging_steps": 50,
+        },
+    }
+    t0 = time.perf_counter()
+    result = train(cfg)
+    total_s = time.perf_counter() - t0
+    t = result.metrics["train"]
+    return {
+        "train_s": t["train_runtime_s"],
+        "total_s": total_s,
+        "samples_per_s": t["train_samples_per_second"],
+        "test_accuracy": result.metrics["test"]["accuracy"],
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    files = json.loads(args.files)
+    out = (run_plain if args.variant == "plain" else run_textclass)(args, files)
+    print("RESULT " + json.dumps(out))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="bbc-news", choices=["bbc-news", "chinese-reviews"])
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (for quick runs).")
+    p.add_argument("--variants", default="plain,textclass")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--files", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return child(args)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tmp = Path(tempfile.mkdtemp())
+    files = {k: str(v) for k, v in export_data(args.dataset, tmp, args.train_limit).items()}
+    rows = {}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", variant, "--files", json.dumps(files),
+               "--epochs", str(args.epochs), "--max-length", str(args.max_length),
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+        print(f"running {variant} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        rows[variant] = {**json.loads(line[7:]), "process_wall_s": wall}
+
+    settings = f"{args.dataset}, MiniLM-L6, max_length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.lr:g}"
+    if args.train_limit:
+        settings += f", train limited to {args.train_limit} rows"
+    print(f"\n{settings}, torch threads {__import__('torch').get_num_threads()}")
+    header = f"{'variant':<10} {'train s':>9} {'total s':>9} {'process s':>10} {'samples/s':>10} {'test acc':>9} {'x plain':>8}"
+    print(header)
+    print("-" * len(header))
+    base = rows.get("plain", {}).get("total_s")
+    for name, r in rows.items():
+        ratio = f"{r['total_s'] / base:.2f}" if base else "-"
+        print(f"{name:<10} {r['train_s']:>9.1f} {r['total_s']:>9.1f} {r['process_wall_s']:>10.1f} {r['samples_per_s']:>10.1f} {r['test_accuracy']:>9.4f} {ratio:>8}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"train_vs_hf-{args.dataset}.json"
+    out.write_text(json.dumps({"settings": vars(args) | {"variant": None, "files": None}, "results": rows}, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The small family: fastText hashing, every architecture's shape, padding invariance, learning, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from textclass.config import SmallModelConfig
+from textclass.errors import UserError
+from textclass.models.registry import get_family
+from textclass.models.small.family import SmallFamily
+from textclass.models.small.fasttext import char_ngram_buckets, fnv1a_32, hashed_features, word_ngram_buckets
+from textclass.text import SEP_ID, TextTokenizer
+
+ARCHS = ["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"]
+# 8 short texts, 3 classes; class 2 differs from class 0 only by word order, so fastText needs its bigrams.
+TEXTS = ["good movie", "great film", "bad movie", "awful film", "movie good", "film great", "plot dull", "dull plot"]
+LABELS = [0, 0, 1, 1, 2, 2, 1, 1]
+FAMILY = SmallFamily()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_cfg(arch: str, **over: Any) -> SmallModelConfig:
+    base = dict(arch=arch, embedding_dim=16, hidden_size=16, num_filters=8, buckets=1000, dropout=0.1, max_length=32)
+    return SmallModelConfig(**{**base, **over})
+
+
+def batch(tok: TextTokenizer, cfg: SmallModelConfig, texts: list[str], pairs: list[str] | None = None) -> dict:
+    enc = FAMILY.encode(tok, cfg, texts, pairs)
+    return FAMILY.collator(tok, cfg)([{k: v[i] for k, v in enc.items()} for i in range(len(texts))])
+
+
+def built(arch: str, n_labels: int = 3, texts: list[str] = TEXTS, **over: Any) -> tuple[Any, SmallModelConfig, Any]:
+    torch.manual_seed(0)
+    cfg = small_cfg(arch, **over)
+    tok = FAMILY.build_tokenizer(cfg, texts)
+    model = FAMILY.build_model(cfg, n_labels, tok, {})
+    if arch == "fasttext":  # fastText starts with a zero output layer; randomise it so scores differ
+        torch.nn.init.normal_(model.fc.weight)
+    return tok, cfg, model
+
+
+def test_registered() -> None:
+    assert isinstance(get_family("small"), SmallFamily)
+
+
+def test_fnv1a_matches_reference_values() -> None:
+    assert fnv1a_32("") == 0x811C9DC5
+    assert fnv1a_32("a") == 0xE40C292C
+    assert fnv1a_32("foobar") == 0xBF9CF968
+    assert fnv1a_32("学") == 747258563  # fastText sign-extends bytes >= 0x80; fixed across processes
+
+
+def test_hashed_feature_ids_are_fixed() -> None:
+    # Expected values from a C++ transcription of fastText's dictionary.cc (hash + addWordNgrams).
+    assert word_ngram_buckets(["hello", "world", "学习", "x"], 3, 1000) == [20, 384, 789, 494, 651]
+    assert hashed_features(["hello", "world"], 10, 2, 0, 0, 1000) == [10 + 20]  # rows after the vocabulary
+    expected = tuple(fnv1a_32(g) % 1000 for g in ["<a", "a", "ab", "b", "b>"])  # no lone boundary markers
+    assert char_ngram_buckets("ab", 1, 2, 1000) == expected
+
+
+def test_word_ngrams_see_word_order() -> None:
+    def features(word_ngrams: int) -> tuple[list[int], list[int]]:
+        tok, cfg, _ = built("fasttext", word_ngrams=word_ngrams)
+        ab, ba = FAMILY.encode(tok, cfg, ["good movie", "movie good"], None)["input_ids"]
+        return sorted(ab), sorted(ba)
+
+    ab, ba = features(1)
+    assert ab == ba
+    ab, ba = features(2)
+    assert ab != ba and max(ab) >= 3 + 2  # a bucket row after the vocabulary
+
+
+def test_char_ngrams_give_unknown_words_features() -> None:
+    tok, cfg, _ = built("fasttext", word_ngrams=1, minn=2, maxn=3)
+    (ids,) = FAMILY.encode(tok, cfg, ["moviez"], None)["input_ids"]
+    assert ids[0] == 1 and len(ids) > 1 and min(ids[1:]) >= len(tok.vocab)  # <unk> + hashed char n-grams
+
+
+def test_default_buckets_work() -> None:
+    tok, cfg, model = built("fasttext", embedding_dim=4, buckets=SmallModelConfig().buckets, maxn=5, minn=3)
+    assert model.embedding.weight.shape == (len(tok.vocab) + 2_000_000, 4)
+    assert model(**batch(tok, cfg, ["a long text with words never seen", ""])).shape == (2, 3)
+
+
+RNN_VARIANTS = [("textrnn", {"rnn_type": "gru", "rnn_pooling": "attention"}), ("textrnn", {"rnn_pooling": "mean"}),
+                ("textrcnn", {"rnn_type": "gru", "num_layers": 2}), ("transformer", {"positional_encoding": "learned"}),
+                ("fasttext", {"minn": 2, "maxn": 4}), ("textcnn", {"filter_sizes": [1, 5]})]
+
+
+@pytest.mark.parametrize("arch,over", [(a, {}) for a in ARCHS] + RNN_VARIANTS)
+def test_shape_and_padding_invariance(arch: str, over: dict) -> None:
+    texts = ["good", "我爱NLP and 深度学习 2024! 😀", "", "a much longer text that pads the others a lot " * 3, "dull plot"]
+    tok, cfg, model = built(arch, texts=texts + TEXTS, **over)
+    model.eval()
+    with torch.no_grad():
+        together = model(**batch(tok, cfg, texts))
+        alone = torch.cat([model(**batch(tok, cfg, [t])) for t in texts])
+    assert together.shape == (len(texts), 3) and torch.isfinite(together).all()
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def fit(arch: str, labels: torch.Tensor, multi_label: bool, steps: int = 150, **over: Any) -> torch.Tensor:
+    """Plain Adam on the whole tiny set; returns final train predictions."""
+    tok, cfg, model = built(arch, n_labels=3, dropout=0.0, **over)
+    inputs = batch(tok, cfg, TEXTS)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(steps):
+        logits = model(**inputs)
+        loss = F.binary_cross_entropy_with_logits(logits, labels) if multi_label else F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(**inputs)
+    return (logits > 0).float() if multi_label else logits.argmax(-1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_overfits_single_label(arch: str) -> None:
+    labels = torch.tensor(LABELS)
+    assert torch.equal(fit(arch, labels, multi_label=False), labels)
+
+
+def test_fasttext_overfits_multi_label_with_bce() -> None:
+    labels = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 1, 0]]).float()
+    assert torch.equal(fit("fasttext", labels, multi_label=True, steps=200), labels)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
+    tok, cfg, model = built(arch, minn=2, maxn=3)
+    FAMILY.save(model, tok, cfg, tmp_path)
+    loaded, tok2 = FAMILY.load(cfg, tmp_path, 3, {})
+    assert not loaded.training and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "tokenizer.json"]
+    texts, pairs = ["good movie", "", "unseen words 😀"], ["film", "great", ""]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch(tok, cfg, texts, pairs)), loaded(**batch(tok2, cfg, texts, pairs)))
+
+
+def test_pairs_are_joined_with_sep() -> None:
+    tok, cfg, _ = built("textcnn")
+    ids = FAMILY.encode(tok, cfg, ["good movie"], ["bad film"])["input_ids"][0]
+    assert ids == tok.vocab.ids(["good", "movie"]) + [SEP_ID] + tok.vocab.ids(["bad", "film"])
+    assert len(FAMILY.encode(tok, small_cfg("textcnn", max_length=3), ["good movie"], ["bad film"])["input_ids"][0]) == 3
+
+
+def test_word2vec_initialises_vocabulary_rows(tmp_path: Path) -> None:
+    path = tmp_path / "vectors.txt"
+    path.write_text("2 4\nmovie 1 2 3 4\nplot -1 0 0.5 2\n", encoding="utf-8")
+    for arch in ["fasttext", "textcnn"]:
+        tok, cfg, model = built(arch, embedding_dim=4, pretrained_vectors=str(path))
+        weight = model.embedding.weight.detach()
+        assert weight[tok.vocab.find("movie")].tolist() == [1, 2, 3, 4]
+        assert weight[tok.vocab.find("plot")].tolist() == [-1, 0, 0.5, 2]
+    with pytest.raises(UserError, match="embedding_dim"):
+        built("textcnn", embedding_dim=8, pretrained_vectors=str(path))
+
+
+def test_config_and_run_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="num_heads"):
+        built("transformer", hidden_size=10, num_heads=4)
+    with pytest.raises(UserError, match="minn"):
+        built("fasttext", minn=5, maxn=3)
+    tok, cfg, model = built("textcnn")
+    FAMILY.save(model, tok, cfg, tmp_path)
+    with pytest.raises(UserError, match="does not match"):
+        FAMILY.load(small_cfg("textcnn", num_filters=4), tmp_path, 3, {})
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="weights missing"):
+        FAMILY.load(cfg, tmp_path, 3, {})
