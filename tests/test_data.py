@@ -183,3 +183,19 @@ def test_rare_class_split_falls_back_to_shuffle() -> None:
     df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "labels": [["a"]] * 19 + [["b"]]})
     train, valid = stratified_split(df, 0.2, 0)
     assert len(train) == 16 and len(valid) == 4
+
+
+def test_hub_loader_on_a_local_folder(tmp_path: Path) -> None:
+    """`data.dataset` that is not built-in goes through datasets.load_dataset (here: a local folder)."""
+    folder = tmp_path / "myset"
+    folder.mkdir()
+    make_texts(40, 1).to_csv(folder / "train.csv", index=False)
+    make_texts(12, 2).to_csv(folder / "test.csv", index=False)
+    data = prepare_data(DataConfig(dataset=str(folder)))
+    assert len(data.train) + len(data.valid) == 40 and len(data.test) == 12
+    assert data.sources["test"] == f"{folder}:test"
+
+
+def test_hub_name_that_cannot_load() -> None:
+    with pytest.raises(UserError, match="not a built-in data set.*could not be loaded"):
+        prepare_data(DataConfig(dataset="no-such-user/no-such-dataset-xyz"))

@@ -33,8 +33,8 @@ def _one_thread():
 
 
 def small_cfg(arch: str, **over: Any) -> SmallModelConfig:
-    base = dict(arch=arch, embedding_dim=16, hidden_size=16, num_filters=8, buckets=1000, dropout=0.1, max_length=32)
-    return SmallModelConfig(**{**base, **over})
+    base = {"embedding_dim": 16, "hidden_size": 16, "num_filters": 8, "buckets": 1000, "dropout": 0.1, "max_length": 32}
+    return SmallModelConfig(arch=arch, **{**base, **over})
 
 
 def batch(tok: TextTokenizer, cfg: SmallModelConfig, texts: list[str], pairs: list[str] | None = None) -> dict:
@@ -95,14 +95,25 @@ def test_default_buckets_work() -> None:
     assert model(**batch(tok, cfg, ["a long text with words never seen", ""])).shape == (2, 3)
 
 
-RNN_VARIANTS = [("textrnn", {"rnn_type": "gru", "rnn_pooling": "attention"}), ("textrnn", {"rnn_pooling": "mean"}),
-                ("textrcnn", {"rnn_type": "gru", "num_layers": 2}), ("transformer", {"positional_encoding": "learned"}),
-                ("fasttext", {"minn": 2, "maxn": 4}), ("textcnn", {"filter_sizes": [1, 5]})]
+RNN_VARIANTS = [
+    ("textrnn", {"rnn_type": "gru", "rnn_pooling": "attention"}),
+    ("textrnn", {"rnn_pooling": "mean"}),
+    ("textrcnn", {"rnn_type": "gru", "num_layers": 2}),
+    ("transformer", {"positional_encoding": "learned"}),
+    ("fasttext", {"minn": 2, "maxn": 4}),
+    ("textcnn", {"filter_sizes": [1, 5]}),
+]
 
 
 @pytest.mark.parametrize("arch,over", [(a, {}) for a in ARCHS] + RNN_VARIANTS)
 def test_shape_and_padding_invariance(arch: str, over: dict) -> None:
-    texts = ["good", "我爱NLP and 深度学习 2024! 😀", "", "a much longer text that pads the others a lot " * 3, "dull plot"]
+    texts = [
+        "good",
+        "我爱NLP and 深度学习 2024! 😀",
+        "",
+        "a much longer text that pads the others a lot " * 3,
+        "dull plot",
+    ]
     tok, cfg, model = built(arch, texts=texts + TEXTS, **over)
     model.eval()
     with torch.no_grad():
@@ -137,7 +148,9 @@ def test_overfits_single_label(arch: str) -> None:
 
 
 def test_fasttext_overfits_multi_label_with_bce() -> None:
-    labels = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 1, 0]]).float()
+    labels = torch.tensor(
+        [[1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 1], [1, 0, 0], [0, 0, 1], [0, 1, 0], [1, 1, 0]]
+    ).float()
     assert torch.equal(fit("fasttext", labels, multi_label=True, steps=200), labels)
 
 
@@ -157,14 +170,16 @@ def test_pairs_are_joined_with_sep() -> None:
     tok, cfg, _ = built("textcnn")
     ids = FAMILY.encode(tok, cfg, ["good movie"], ["bad film"])["input_ids"][0]
     assert ids == tok.vocab.ids(["good", "movie"]) + [SEP_ID] + tok.vocab.ids(["bad", "film"])
-    assert len(FAMILY.encode(tok, small_cfg("textcnn", max_length=3), ["good movie"], ["bad film"])["input_ids"][0]) == 3
+    assert (
+        len(FAMILY.encode(tok, small_cfg("textcnn", max_length=3), ["good movie"], ["bad film"])["input_ids"][0]) == 3
+    )
 
 
 def test_word2vec_initialises_vocabulary_rows(tmp_path: Path) -> None:
     path = tmp_path / "vectors.txt"
     path.write_text("2 4\nmovie 1 2 3 4\nplot -1 0 0.5 2\n", encoding="utf-8")
     for arch in ["fasttext", "textcnn"]:
-        tok, cfg, model = built(arch, embedding_dim=4, pretrained_vectors=str(path))
+        tok, _, model = built(arch, embedding_dim=4, pretrained_vectors=str(path))
         weight = model.embedding.weight.detach()
         assert weight[tok.vocab.find("movie")].tolist() == [1, 2, 3, 4]
         assert weight[tok.vocab.find("plot")].tolist() == [-1, 0, 0.5, 2]
@@ -184,3 +199,20 @@ def test_config_and_run_dir_errors(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UserError, match="weights missing"):
         FAMILY.load(cfg, tmp_path, 3, {})
+
+
+def test_trains_end_to_end_through_the_shared_trainer(toy_files: dict[str, Path], tmp_path: Path) -> None:
+    """fastText's flat ids + offsets go through the Trainer, the Arrow cache, the run dir and Classifier."""
+    from textclass import Classifier, train
+
+    cfg = {
+        "data": {k: str(v) for k, v in toy_files.items()},
+        "model": {"family": "small", "arch": "fasttext", "embedding_dim": 16, "buckets": 5000, "minn": 2, "maxn": 4},
+        "training": {"output_dir": str(tmp_path / "run"), "epochs": 5, "batch_size": 16, "learning_rate": 1e-2},
+    }
+    result = train(cfg)
+    assert result.metrics["test"]["accuracy"] >= 0.9
+    assert (result.run_dir / "tokenizer.json").is_file() and (result.run_dir / "model.safetensors").is_file()
+    clf = Classifier.load(result.run_dir)
+    preds = clf.predict(["match goal team referee", "", "😀"])
+    assert len(preds) == 3 and preds[0]["label"] == "sport"

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
@@ -54,16 +54,16 @@ def train(
         cfg = build_config(load_pending_config(output), overrides, source=str(output))
     else:
         cfg = load_config(config, overrides)
+    from textclass.evaluation import format_report
+
     result = api_train(cfg, resume=resume, overwrite=overwrite)
-    _print_metrics(result.metrics)
-    typer.echo(f"run directory: {result.run_dir}")
-
-
-def _print_metrics(metrics: dict[str, Any]) -> None:
-    for split in ("valid", "test"):
-        if split in metrics:
-            shown = {k: v for k, v in metrics[split].items() if isinstance(v, float)}
+    if "test" in result.reports:
+        typer.echo(format_report(result.reports["test"], title=f"test ({cfg.data.test or cfg.data.dataset})"))
+    for split, metrics in result.metrics.items():
+        if split in ("valid", "test"):
+            shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
             typer.echo(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    typer.echo(f"run directory: {result.run_dir}")
 
 
 @app.command()

@@ -19,8 +19,9 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from textclass.errors import UserError
 from textclass.text.vocab import SEP, SPECIALS, UNK_ID, Vocab
@@ -104,8 +105,13 @@ class TextTokenizer:
 
     @classmethod
     def fit(
-        cls, texts: list[str], kind: str = "auto", lowercase: bool = True, min_freq: int = 1, max_vocab: int | None = None
-    ) -> "TextTokenizer":
+        cls,
+        texts: list[str],
+        kind: str = "auto",
+        lowercase: bool = True,
+        min_freq: int = 1,
+        max_vocab: int | None = None,
+    ) -> TextTokenizer:
         """Decide the kind (for `auto`) and build the vocabulary from the training texts."""
         resolved = resolve_kind(kind, texts)
         tok = cls(resolved, Vocab(list(SPECIALS)), lowercase, kind)
@@ -126,7 +132,8 @@ class TextTokenizer:
         if max_length:
             la, lb = _fit_pair(len(a), len(b), max_length - 1)
             a, b = a[:la], b[:lb]
-        return (a + [SEP] + b)[:max_length] if max_length else a + [SEP] + b
+        joined = [*a, SEP, *b]
+        return joined[:max_length] if max_length else joined
 
     def encode(self, text: str, pair: str | None = None, max_length: int | None = None) -> list[int]:
         """Vocabulary ids of one example; never empty (an empty text is a single `<unk>`)."""
@@ -144,7 +151,7 @@ class TextTokenizer:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = TOKENIZER_FILE) -> "TextTokenizer":
+    def from_dict(cls, data: dict[str, Any], source: str = TOKENIZER_FILE) -> TextTokenizer:
         try:
             return cls(data["kind"], Vocab(list(data["vocab"])), bool(data["lowercase"]), data.get("requested"))
         except (KeyError, TypeError):
@@ -154,7 +161,7 @@ class TextTokenizer:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> "TextTokenizer":
+    def load(cls, path: str | Path) -> TextTokenizer:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"{p}: tokenizer file missing; the run directory is incomplete, train again")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Vocab:
             raise UserError("vocabulary has duplicate tokens; the tokenizer.json is damaged")
 
     @classmethod
-    def build(cls, token_lists: Iterable[list[str]], min_freq: int = 1, max_vocab: int | None = None) -> "Vocab":
+    def build(cls, token_lists: Iterable[list[str]], min_freq: int = 1, max_vocab: int | None = None) -> Vocab:
         """Most frequent first, ties alphabetically, so the same texts always give the same ids.
 
         `max_vocab` caps the ordinary tokens; the special tokens come on top of it.
@@ -108,7 +108,9 @@ def load_word2vec(path: str | Path, vocab: Vocab, dim: int, lowercase: bool = Fa
                 try:
                     found[idx] = np.asarray(values, dtype=np.float32)
                 except ValueError:
-                    raise UserError(f"{p} line {lineno}: not a number in the vector of {word!r}; is this a word2vec text file?") from None
+                    raise UserError(
+                        f"{p} line {lineno}: not a number in the vector of {word!r}; is this a word2vec text file?"
+                    ) from None
                 if is_exact:
                     exact.add(idx)
     except UnicodeDecodeError:
@@ -116,5 +118,11 @@ def load_word2vec(path: str | Path, vocab: Vocab, dim: int, lowercase: bool = Fa
     ids = np.fromiter(sorted(found), dtype=np.int64, count=len(found))
     vectors = np.stack([found[i] for i in ids]) if len(ids) else np.zeros((0, dim), dtype=np.float32)
     ordinary = len(vocab) - len(SPECIALS)
-    log.info("%s: found vectors for %d of %d vocabulary words (%.1f%%)", p, len(ids), ordinary, 100 * len(ids) / max(ordinary, 1))
+    log.info(
+        "%s: found vectors for %d of %d vocabulary words (%.1f%%)",
+        p,
+        len(ids),
+        ordinary,
+        100 * len(ids) / max(ordinary, 1),
+    )
     return ids, vectors

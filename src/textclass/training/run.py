@@ -37,6 +37,7 @@ class TrainResult:
 
     run_dir: Path
     metrics: dict[str, Any]
+    reports: dict[str, dict[str, Any]]  # "valid"/"test" -> write_report's result (metrics, per-class, files)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -99,6 +100,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
 
     predictor = Predictor(model, tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
     metrics: dict[str, Any] = {"train": _train_summary(trainer)}
+    reports: dict[str, dict[str, Any]] = {}
     valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
     if data.labels.multi_label and cfg.evaluation.tune_threshold:
         from textclass.evaluation import tune_threshold
@@ -106,13 +108,14 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         y = np.asarray([data.labels.encode(ls) for ls in data.valid["labels"]], dtype=int)
         cfg.evaluation.threshold, f1 = tune_threshold(y, valid_probs)
         log.info("tuned multi-label threshold on valid: %.2f (micro-F1 %.4f)", cfg.evaluation.threshold, f1)
-    metrics["valid"] = _report(run_dir / "eval" / "valid", data.valid, valid_probs, predictor)["metrics"]
+    reports["valid"] = _report(run_dir / "eval" / "valid", data.valid, valid_probs, predictor)
     if data.test is not None:
         test_probs = predictor.predict_proba(data.test["text"].tolist(), _pairs(data.test), progress=True)
-        metrics["test"] = _report(run_dir / "eval" / "test", data.test, test_probs, predictor)["metrics"]
+        reports["test"] = _report(run_dir / "eval" / "test", data.test, test_probs, predictor)
+    metrics.update({split: r["metrics"] for split, r in reports.items()})
 
     _write_run(run_dir, cfg, data, family, model, tokenizer, trainer, metrics)
-    return TrainResult(run_dir, metrics)
+    return TrainResult(run_dir, metrics, reports)
 
 
 def _pairs(df: Any) -> list[str] | None:

@@ -16,8 +16,9 @@ dict). `load` rebuilds the network from the saved config and never reads `pretra
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,7 +40,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 _Builder = Callable[[SmallModelConfig, int, int], nn.Module]
 _BUILDERS: dict[str, _Builder] = {
-    "fasttext": lambda c, v, n: FastText(v, n, c.embedding_dim, c.buckets if uses_buckets(c.word_ngrams, c.maxn) else 0),
+    "fasttext": lambda c, v, n: FastText(
+        v, n, c.embedding_dim, c.buckets if uses_buckets(c.word_ngrams, c.maxn) else 0
+    ),
     "textcnn": lambda c, v, n: TextCNN(v, n, c.embedding_dim, c.filter_sizes, c.num_filters, c.dropout),
     "textrnn": lambda c, v, n: TextRNN(
         v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.rnn_pooling, c.dropout
@@ -54,7 +57,9 @@ _BUILDERS: dict[str, _Builder] = {
 def check_config(cfg: SmallModelConfig) -> None:
     """Combinations the schema cannot check field by field."""
     if cfg.arch == "textcnn" and (not cfg.filter_sizes or min(cfg.filter_sizes) < 1):
-        raise UserError(f"model.filter_sizes: {cfg.filter_sizes} must be a non-empty list of widths >= 1, e.g. [2, 3, 4]")
+        raise UserError(
+            f"model.filter_sizes: {cfg.filter_sizes} must be a non-empty list of widths >= 1, e.g. [2, 3, 4]"
+        )
     if cfg.arch == "transformer" and cfg.hidden_size % cfg.num_heads:
         raise UserError(
             f"model.num_heads: {cfg.num_heads} does not divide model.hidden_size {cfg.hidden_size}; "
@@ -137,10 +142,13 @@ class SmallFamily(Family):
         weights = run_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise UserError(f"{weights}: weights missing; the run directory is incomplete, train again")
-        with torch.device("meta"):  # no throw-away random init (fastText's table is ~1 GB at the defaults)
+        # Built on the meta device and then allocated uninitialised: no throw-away random init of fastText's
+        # ~1 GB table. The weights are copied in (not assigned), so the model never aliases the file's mmap.
+        with torch.device("meta"):
             model = make_model(cfg, len(tokenizer.vocab), num_labels)
+        model = model.to_empty(device="cpu")
         try:
-            model.load_state_dict(load_file(str(weights)), assign=True)
+            model.load_state_dict(load_file(str(weights)))
         except RuntimeError as err:
             first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
             raise UserError(f"{weights}: does not match config.yaml (model.{cfg.arch}): {first[:200]}") from None

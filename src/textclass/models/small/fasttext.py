@@ -85,7 +85,9 @@ def char_ngram_buckets(word: str, minn: int, maxn: int, buckets: int) -> tuple[i
     return tuple(out)
 
 
-def hashed_features(tokens: list[str], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int) -> list[int]:
+def hashed_features(
+    tokens: list[str], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int
+) -> list[int]:
     """Embedding rows of the n-gram features of one text: `vocab_size + bucket id`."""
     if not uses_buckets(word_ngrams, maxn):
         return []

@@ -72,7 +72,14 @@ class TextRCNN(nn.Module):
     """Lai et al.'s recurrent convolutional network."""
 
     def __init__(
-        self, vocab_size: int, num_labels: int, dim: int, hidden_size: int, num_layers: int, rnn_type: str, dropout: float
+        self,
+        vocab_size: int,
+        num_labels: int,
+        dim: int,
+        hidden_size: int,
+        num_layers: int,
+        rnn_type: str,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
