@@ -95,7 +95,7 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
 
     cfg = {
         "data": files,
-        "model": {"name": MODEL, "max_length": args.max_length},
+        "model": {"name": MODEL, "max_length": args.max_length, "pooling": args.pooling},
         "training": {
             "output_dir": tempfile.mkdtemp() + "/run",
             "epochs": args.epochs,
@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--pooling", default="mean", choices=["cls", "mean"], help="textclass pooling (MiniLM was trained with mean).")
     p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (for quick runs).")
     p.add_argument("--variants", default="plain,textclass")
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -149,7 +150,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", variant, "--files", json.dumps(files),
                "--epochs", str(args.epochs), "--max-length", str(args.max_length),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pooling", args.pooling]
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -159,7 +160,8 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
         rows[variant] = {**json.loads(line[7:]), "process_wall_s": wall}
 
-    settings = f"{args.dataset}, MiniLM-L6, max_length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, lr {args.lr:g}"
+    settings = (f"{args.dataset}, MiniLM-L6, max_length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, "
+                f"lr {args.lr:g}, textclass pooling {args.pooling}")
     if args.train_limit:
         settings += f", train limited to {args.train_limit} rows"
     print(f"\n{settings}, torch threads {__import__('torch').get_num_threads()}")

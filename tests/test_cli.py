@@ -16,8 +16,31 @@ from conftest import make_texts, tiny_config
 CLI = [sys.executable, "-m", "textclass.cli"]
 
 
-def run(*args: str, input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, input=input, cwd=cwd, timeout=300)
+def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run `textclass ARGS` in-process through `cli.main` (the real entry point, minus interpreter start-up)."""
+    import contextlib
+    import io
+
+    from textclass import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    old_argv, old_stdin = sys.argv, sys.stdin
+    sys.argv, sys.stdin = ["textclass", *map(str, args)], io.StringIO(input or "")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, sys.stdin = old_argv, old_stdin
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_entry_point_in_a_real_process(tmp_path: Path) -> None:
+    """One real subprocess: the console entry point prints one error line and exits 2."""
+    proc = subprocess.run([*CLI, "predict", "--model", str(tmp_path), "-i"], capture_output=True, text=True, timeout=120)
+    assert_user_error(proc, "not a textclass run directory")
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
