@@ -59,10 +59,10 @@ def run_plain(args: argparse.Namespace, files: dict[str, str]) -> dict:
 
     def preprocess(examples: dict) -> dict:
         result = tokenizer(examples["text"], padding="max_length", max_length=args.max_length, truncation=True)
-        result["label"] = [label_to_id[l] for l in examples["label"]]
+        result["labels"] = [label_to_id[l] for l in examples["label"]]  # a new name: datasets 5 keeps "label" a string
         return result
 
-    raw = raw.map(preprocess, batched=True, remove_columns=["text"])
+    raw = raw.map(preprocess, batched=True, remove_columns=["text", "label"])
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
         num_train_epochs=args.epochs,

@@ -163,3 +163,18 @@ def test_data_list() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "bbc-news" in proc.stdout and "chinese-reviews" in proc.stdout
     assert_user_error(run("data", "export", "no-such-set", "/tmp/x"), "no-such-set")
+
+
+def test_resume_from_the_command_line_without_config(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    """An interrupted run (checkpoints, no config.yaml yet) finishes with `train --output DIR --resume`."""
+    from textclass import train
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(tiny_bert, toy_files, run_dir, epochs=2, keep_checkpoints=True))
+    for name in ("config.yaml", "labels.json"):  # what an interrupted run lacks
+        (run_dir / name).unlink()
+    assert_user_error(run("predict", "--model", run_dir, "-i"), "not a textclass run directory", "--resume")
+    proc = run("train", "--output", run_dir, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "config.yaml").is_file()
+    assert_user_error(run("train", "--output", tmp_path / "empty", "--resume"), "no unfinished run to resume")
