@@ -111,7 +111,9 @@ class TrainingConfig(_Section):
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
     batch_size: int = Field(16, ge=1)
     eval_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="Unset: the family's default (encoder 5e-5; small models by arch, see the README)."
+    )
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)

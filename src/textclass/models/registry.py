@@ -58,6 +58,13 @@ class Family(ABC):
     def load(self, cfg: Any, run_dir: Path, num_labels: int, id2label: dict[int, str]) -> tuple[nn.Module, Any]:
         """Read back what `save` wrote: (model in eval mode, tokenizer)."""
 
+    def default_learning_rate(self, cfg: Any) -> float:
+        """`training.learning_rate` when the config leaves it unset: the fine-tuning rate of pretrained encoders.
+
+        Families that train from scratch override this; they need rates orders of magnitude higher.
+        """
+        return 5e-5
+
 
 _REGISTRY: dict[str, Callable[[], Family]] = {}
 

@@ -80,6 +80,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     data = prepare_data(cfg.data)
     _log_data(data)
     family = get_family(cfg.model.family)
+    if cfg.training.learning_rate is None:  # resolved here, once, so the saved config shows the rate used
+        cfg.training.learning_rate = family.default_learning_rate(cfg.model)
     tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
     set_seed(cfg.training.seed)
     model = family.build_model(cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label)

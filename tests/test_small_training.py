@@ -1,0 +1,134 @@
+"""The small family through `textclass.train`: sparse fastText (SparseAdam + AdamW in one optimizer), sparse
+gradient clipping, checkpoint resume, per-family learning rates, and every arch on Chinese reviews."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from textclass import Classifier, train
+from textclass.config import EncoderModelConfig, SmallModelConfig, build_config
+from textclass.models.registry import get_family
+from textclass.models.small.fasttext import FastText
+from textclass.training.trainer import clip_grad_norm_
+
+ARCHS = ["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"]
+
+
+def fasttext_config(files: dict[str, Path], out: Path, **training: Any) -> dict:
+    """fastText with the default 2M buckets (a small dimension keeps the table at 64 MB) and the family's lr."""
+    return {
+        "data": {k: str(v) for k, v in files.items()},
+        "model": {"family": "small", "arch": "fasttext", "embedding_dim": 8},
+        "training": {"output_dir": str(out), "epochs": 2, "batch_size": 16, "logging_steps": 5, **training},
+    }
+
+
+@pytest.mark.parametrize("max_norm", [0.05, float("inf")])
+def test_sparse_clipping_equals_torch_on_dense_gradients(max_norm: float) -> None:
+    """Same global norm and same clipped gradients as torch's clip_grad_norm_ on the dense twin."""
+    ids, offsets = torch.tensor([1, 2, 2, 3, 50, 50, 7, 1]), torch.tensor([0, 3, 6])
+    grads, norms = [], []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = FastText(10, 3, 4, 100, sparse=sparse)
+        torch.nn.init.normal_(model.fc.weight)
+        model(ids, offsets).pow(2).sum().backward()
+        clip = clip_grad_norm_ if sparse else torch.nn.utils.clip_grad_norm_
+        norms.append(float(clip(model.parameters(), max_norm)))
+        grads.append([p.grad.to_dense() for p in model.parameters()])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and norms[0] > 0.05
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_default_learning_rate_is_the_familys() -> None:
+    assert build_config({"data": {"dataset": "bbc-news"}}).training.learning_rate is None  # unset until a run
+    assert get_family("encoder").default_learning_rate(EncoderModelConfig()) == 5e-5
+    small = get_family("small")
+    assert all(small.default_learning_rate(SmallModelConfig(arch=a)) >= 1e-4 for a in ARCHS)  # from scratch
+
+
+def test_fasttext_default_buckets_learns_with_sparse_adam(toy_files: dict[str, Path], tmp_path: Path) -> None:
+    result = train(fasttext_config(toy_files, tmp_path / "run", epochs=3))
+    assert result.metrics["test"]["accuracy"] >= 0.9
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["training"]["learning_rate"] == get_family("small").default_learning_rate(SmallModelConfig())
+    clf = Classifier.load(result.run_dir)
+    assert clf.predictor.model.embedding.weight.shape[0] > 2_000_000
+    assert clf.predict(["match goal team referee"])[0]["label"] == "sport"
+
+
+def test_resume_with_combined_optimizer_matches_uninterrupted(
+    toy_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Crash after the first epoch's checkpoint, resume: same metrics and scores as one uninterrupted run.
+
+    Equality needs the SparseAdam and AdamW moments and step counts back from the checkpoint; a fresh
+    optimizer state after the resume would change the second epoch.
+    """
+    from transformers import TrainerCallback
+
+    import textclass.training.run as run_mod
+
+    full = train(fasttext_config(toy_files, tmp_path / "full"))
+
+    class CrashOnSave(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            raise KeyboardInterrupt("simulated crash")
+
+    original = run_mod.build_trainer
+
+    def crashing(*args: Any, **kwargs: Any) -> Any:
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(CrashOnSave())
+        return trainer
+
+    cfg = fasttext_config(toy_files, tmp_path / "resumed")
+    with monkeypatch.context() as patch:
+        patch.setattr(run_mod, "build_trainer", crashing)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    assert not (tmp_path / "resumed" / "config.yaml").exists()
+    resumed = train(cfg, resume=True)
+    assert resumed.metrics["train"]["global_step"] == full.metrics["train"]["global_step"]
+    assert resumed.metrics["valid"] == full.metrics["valid"] and resumed.metrics["test"] == full.metrics["test"]
+    texts = ["goal team chip", "recipe bread", ""]
+    a = Classifier.load(full.run_dir).predict_proba(texts)
+    b = Classifier.load(resumed.run_dir).predict_proba(texts)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def chinese_slice(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A stratified-by-shuffle slice of the built-in chinese-reviews splits, as CSV files."""
+    from textclass.data.builtin import load_builtin
+
+    folder = tmp_path_factory.mktemp("zh")
+    files = {}
+    for split, n in {"train": 3000, "valid": 300, "test": 600}.items():
+        df = load_builtin("chinese-reviews")[split].sample(frac=1.0, random_state=0).head(n)
+        files[split] = folder / f"{split}.csv"
+        df.to_csv(files[split], index=False)
+    return files
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_learns_chinese_reviews(arch: str, chinese_slice: dict[str, Path], tmp_path: Path) -> None:
+    """Each arch through `textclass.train` with the family's defaults (char tokens, per-arch lr), sized down."""
+    cfg = {
+        "data": {k: str(v) for k, v in chinese_slice.items()},
+        "model": {"family": "small", "arch": arch, "embedding_dim": 64, "hidden_size": 64, "num_filters": 64,
+                  "max_length": 64, "buckets": 100_000},
+        "training": {"output_dir": str(tmp_path / arch), "epochs": 5, "batch_size": 32, "num_threads": 2},
+    }
+    result = train(cfg)
+    # Chance is 0.5 (balanced pos/neg); on 600 test texts 0.65 is far above it (z > 7). Full-data accuracy
+    # is what benchmarks/small_vs_fasttext.py measures.
+    assert result.metrics["test"]["accuracy"] >= 0.65, result.metrics["test"]
