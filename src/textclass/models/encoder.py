@@ -118,7 +118,9 @@ class EncoderFamily(Family):
 
         return collate
 
-    def build_model(self, cfg: EncoderModelConfig, num_labels: int, tokenizer: Any, id2label: dict[int, str]) -> nn.Module:
+    def build_model(
+        self, cfg: EncoderModelConfig, num_labels: int, tokenizer: Any, id2label: dict[int, str], multi_label: bool = False
+    ) -> nn.Module:
         from transformers import AutoModel, AutoModelForSequenceClassification
 
         if cfg.head == "hf":
@@ -129,6 +131,8 @@ class EncoderFamily(Family):
                 num_labels=num_labels,
                 id2label=id2label,
                 label2id={v: k for k, v in id2label.items()},
+                # Recorded in config.json so `pipeline()` applies sigmoid, not softmax, to a multi-label run.
+                problem_type="multi_label_classification" if multi_label else "single_label_classification",
                 ignore_mismatched_sizes=True,
             )
             return HFHeadClassifier(model)

@@ -47,8 +47,10 @@ class Family(ABC):
         """
 
     @abstractmethod
-    def build_model(self, cfg: Any, num_labels: int, tokenizer: Any, id2label: dict[int, str]) -> nn.Module:
-        """Build a fresh model that returns logits."""
+    def build_model(
+        self, cfg: Any, num_labels: int, tokenizer: Any, id2label: dict[int, str], multi_label: bool = False
+    ) -> nn.Module:
+        """Build a fresh model that returns logits (`multi_label` for families that record the task)."""
 
     @abstractmethod
     def save(self, model: nn.Module, tokenizer: Any, cfg: Any, run_dir: Path) -> None:

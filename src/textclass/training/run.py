@@ -84,7 +84,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         cfg.training.learning_rate = family.default_learning_rate(cfg.model)
     tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
     set_seed(cfg.training.seed)
-    model = family.build_model(cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label)
+    model = family.build_model(
+        cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label, multi_label=data.labels.multi_label
+    )
     train_labels = np.asarray([data.labels.encode(ls) for ls in data.train["labels"]])
     loss_fn = make_loss(data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights, train_labels)
 

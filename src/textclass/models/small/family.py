@@ -132,7 +132,12 @@ class SmallFamily(Family):
         return collate_bags if cfg.arch == "fasttext" else _pad_collate
 
     def build_model(
-        self, cfg: SmallModelConfig, num_labels: int, tokenizer: TextTokenizer, id2label: dict[int, str]
+        self,
+        cfg: SmallModelConfig,
+        num_labels: int,
+        tokenizer: TextTokenizer,
+        id2label: dict[int, str],
+        multi_label: bool = False,  # the task lives in labels.json; the network is the same either way
     ) -> nn.Module:
         model = make_model(cfg, len(tokenizer.vocab), num_labels)
         init_from_vectors(model, tokenizer, cfg)
