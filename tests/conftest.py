@@ -47,16 +47,20 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random BERT and its WordPiece tokenizer, saved as a local model folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     corpus = make_texts(300, seed=1)["text"].tolist() + ["我爱自然语言处理", "这本书很好看"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    # The vocabulary is built, not trained: the WordPiece trainer breaks frequency ties in hash order, which
+    # differs between processes, and a different vocabulary makes the tiny model (and the tests) differ.
+    words = sorted({w for t in corpus for w in t.lower().split() if len(w) > 1 or not w.isascii()})
+    chars = sorted({c for t in corpus for c in t.lower() if not c.isspace()})
+    vocab = specials + words + [c for c in chars if c not in words] + [f"##{c}" for c in chars]
+    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
