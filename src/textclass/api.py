@@ -9,7 +9,7 @@ import numpy as np
 
 from textclass.config import Config, build_config, load_config
 from textclass.errors import UserError
-from textclass.inference.predictor import Predictor, load_predictor
+from textclass.inference.predictor import BasePredictor, load_predictor
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
@@ -77,12 +77,19 @@ class Classifier:
     [{'label': 'business', 'score': 0.97, 'scores': {...}}]
     """
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: BasePredictor) -> None:
         self.predictor = predictor
 
     @classmethod
-    def load(cls, run_dir: str | Path, batch_size: int = 32, threads: int | None = None) -> "Classifier":
-        return cls(load_predictor(run_dir, batch_size=batch_size, threads=threads))
+    def load(
+        cls, run_dir: str | Path, batch_size: int = 32, threads: int | None = None, backend: str = "auto"
+    ) -> "Classifier":
+        """`backend`: `torch`, `onnx` (needs `textclass export`) or `auto` (onnx when exported)."""
+        return cls(load_predictor(run_dir, batch_size=batch_size, threads=threads, backend=backend))
+
+    @property
+    def backend(self) -> str:
+        return self.predictor.backend
 
     @property
     def labels(self) -> list[str]:

@@ -3,7 +3,11 @@
 Inputs are tokenized in batches with the family's tokenizer (the fast Rust tokenizers for encoders),
 sorted by length into batches so little padding is computed, and the results are returned in the caller's
 order. Training-time test evaluation, `textclass evaluate`, `textclass predict` and `Classifier.predict`
-all go through `Predictor.predict_proba`, so they cannot disagree.
+all go through `predict_proba`, so they cannot disagree.
+
+Two backends share everything but the forward pass: `torch` (`Predictor`, the PyTorch module) and `onnx`
+(`OnnxPredictor` in `onnx_backend.py`, ONNX Runtime on the file `textclass export` wrote). `auto` picks
+onnx when the run directory has an export.
 """
 
 from __future__ import annotations
@@ -44,48 +48,52 @@ def make_collator(family: Family, tokenizer: Any, cfg: Config, multi_label: bool
     return collate
 
 
-@dataclass
-class Predictor:
-    """A loaded model with everything needed to turn texts into class probabilities."""
+class BasePredictor:
+    """What both backends share: batched tokenisation, length-sorted batches, decoding of probabilities.
 
-    model: nn.Module
+    Subclasses set `tokenizer`, `family`, `cfg`, `labels`, `batch_size` and implement `_collate_batch`
+    and `_forward` (one padded batch -> probabilities as a numpy array).
+    """
+
+    backend: str
     tokenizer: Any
     family: Family
     cfg: Config
     labels: LabelSet
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        self.model.eval()
-        self._collate = make_collator(self.family, self.tokenizer, self.cfg, self.labels.multi_label)
-        self.device = next(self.model.parameters()).device
+    batch_size: int
 
     @property
     def threshold(self) -> float:
         return self.cfg.evaluation.threshold
 
     def _encode(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
+        # One call for the whole list: the fast (Rust) tokenizers then encode in parallel.
         enc = self.family.encode(self.tokenizer, self.cfg.model, texts, pairs)
         keys = list(enc)
         return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
-    def _batches(self, features: list[dict[str, Any]]) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    def _collate_batch(self, features: list[dict[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def _forward(self, batch: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _batches(self, features: list[dict[str, Any]]) -> Iterator[tuple[np.ndarray, Any]]:
+        """Longest first, so each batch holds texts of similar length and little padding is computed."""
         order = np.argsort([-len(f["input_ids"]) for f in features], kind="stable")
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            batch = self._collate([dict(features[i]) for i in idx])
-            yield idx, {k: v.to(self.device) for k, v in batch.items()}
+            yield idx, self._collate_batch([dict(features[i]) for i in idx])
 
-    @torch.inference_mode()
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None, progress: bool = False) -> np.ndarray:
         """Probabilities, shape (len(texts), num_labels), in input order."""
         out = np.zeros((len(texts), self.labels.num_labels), dtype=np.float32)
-        if not texts:
+        if not len(texts):
             return out
         features = self._encode([str(t) for t in texts], [str(p) for p in pairs] if pairs is not None else None)
         total = (len(features) + self.batch_size - 1) // self.batch_size
         for idx, batch in tqdm(self._batches(features), total=total, disable=not progress, desc="Predicting", unit="batch"):
-            out[idx] = probabilities(self.model(**batch), self.labels.multi_label).cpu().numpy()
+            out[idx] = self._forward(batch)
         return out
 
     def decode(self, probs: np.ndarray, top_k: int | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
@@ -111,11 +119,68 @@ class Predictor:
         return self.decode(self.predict_proba(texts, pairs), top_k=top_k, threshold=threshold)
 
 
-def load_predictor(run_dir: str | Path, batch_size: int = 32, threads: int | None = None) -> Predictor:
-    """The one way to load a run directory for prediction."""
+@dataclass
+class Predictor(BasePredictor):
+    """The torch backend: a loaded PyTorch model with everything needed to turn texts into probabilities."""
+
+    model: nn.Module
+    tokenizer: Any
+    family: Family
+    cfg: Config
+    labels: LabelSet
+    batch_size: int = 32
+
+    backend = "torch"
+
+    def __post_init__(self) -> None:
+        self.model.eval()
+        self._collate = make_collator(self.family, self.tokenizer, self.cfg, self.labels.multi_label)
+        self.device = next(self.model.parameters()).device
+
+    def _collate_batch(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in self._collate(features).items()}
+
+    def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        with torch.inference_mode():
+            return probabilities(self.model(**batch), self.labels.multi_label).cpu().numpy()
+
+
+BACKENDS = ("auto", "onnx", "torch")
+
+
+def load_predictor(
+    run_dir: str | Path,
+    batch_size: int = 32,
+    threads: int | None = None,
+    backend: str = "auto",
+    variant: str | None = None,
+) -> BasePredictor:
+    """The one way to load a run directory for prediction.
+
+    `backend`: `torch` (the PyTorch weights), `onnx` (the file `textclass export` wrote; error if there is
+    none) or `auto` (onnx when the run directory has an export, else torch). Both give the same
+    probabilities (the export's parity check holds them within 1e-4; an int8 export is within its
+    reported agreement). `variant` (`fp32` or `int8`) picks one ONNX file when both were exported; by
+    default the export's recorded default is used. `threads` caps the intra-op threads of either backend.
+    """
+    from textclass.errors import UserError
+    from textclass.rundir import check_run_dir
+
+    if backend not in BACKENDS:
+        raise UserError(f"backend: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if threads is not None and threads < 1:
+        raise UserError(f"threads: {threads} must be a positive number of threads")
+    path = check_run_dir(run_dir)
+    if backend != "torch":
+        from textclass.inference.onnx_backend import has_export, load_onnx_predictor
+
+        if backend == "onnx" and not has_export(path):
+            raise UserError(f"{path}: no ONNX export in this run directory; run `textclass export --model {path}` first")
+        if has_export(path):
+            return load_onnx_predictor(path, batch_size=batch_size, threads=threads, variant=variant)
     from textclass.rundir import load_run
 
     if threads:
         torch.set_num_threads(threads)
-    run = load_run(run_dir)
+    run = load_run(path)
     return Predictor(run.model, run.tokenizer, run.family, run.cfg, run.labels, batch_size=batch_size)
