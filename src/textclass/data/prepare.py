@@ -83,7 +83,8 @@ def clean_texts(df: pd.DataFrame, cfg: DataConfig, source: str) -> pd.DataFrame:
         bad |= null | (texts.str.strip() == "").to_numpy()
         out[new] = texts
     if bad.any():
-        rows = (np.flatnonzero(bad)[:5] + 1).tolist()
+        start = df.index.start if isinstance(df.index, pd.RangeIndex) else 0  # a chunk of a streamed file
+        rows = (np.flatnonzero(bad)[:5] + start + 1).tolist()
         what = f"{int(bad.sum())} empty or null text(s) in column {cfg.text_column!r} (data rows {rows}...)"
         if cfg.empty_texts == "error":
             raise UserError(f"{source}: {what}; fill or remove them, or set data.empty_texts=drop")
@@ -231,7 +232,13 @@ def read_eval_data(path: str, cfg: DataConfig, labels: LabelSet, require_labels:
     Returns the frame (with `labels` when the file has the label column) and the label names the model
     does not know: evaluation (`require_labels`) refuses them, prediction only reports them.
     """
-    df = read_table(path, "auto", cfg.encoding)
+    return eval_frame(read_table(path, "auto", cfg.encoding), path, cfg, labels, require_labels)
+
+
+def eval_frame(
+    df: pd.DataFrame, path: str, cfg: DataConfig, labels: LabelSet, require_labels: bool
+) -> tuple[pd.DataFrame, list[str]]:
+    """`read_eval_data` for a frame already read: a whole file, or one chunk of a streamed one."""
     if require_labels:
         out = load_split(df, cfg, path, labels.multi_label)
     else:

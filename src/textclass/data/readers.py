@@ -7,8 +7,13 @@ line.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pandas as pd
 
@@ -41,27 +46,11 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return fmt
 
 
-def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
-    """Read one file (or `save_to_disk` folder) into a DataFrame."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: file not found; check the path (relative paths start at {Path.cwd()})")
-    fmt = detect_format(p, fmt)
+@contextmanager
+def _reading(p: Path, fmt: str, encoding: str) -> Iterator[None]:
+    """Turn the ways a file can be unreadable into one-line `UserError`s naming the file."""
     try:
-        if fmt == "csv":
-            return pd.read_csv(p, encoding=encoding, dtype=object, keep_default_na=False, na_values=[""])
-        if fmt == "tsv":
-            return pd.read_csv(
-                p, sep="\t", encoding=encoding, dtype=object, keep_default_na=False, na_values=[""], quoting=3
-            )
-        if fmt == "jsonl":
-            return _read_jsonl(p, encoding)
-        if fmt == "json":
-            return _read_json(p, encoding)
-        if fmt == "parquet":
-            return pd.read_parquet(p)
-        if fmt == "disk":
-            return _read_disk(p)
+        yield
     except UnicodeDecodeError as err:
         raise UserError(
             f"{p}: not readable as {encoding} (byte {err.start}); set data.encoding (e.g. latin-1, gbk) "
@@ -73,22 +62,122 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> 
         raise UserError(f"{p}: the file is empty; it needs a header row and data rows") from None
     except (OSError, ValueError) as err:  # pyarrow errors for bad parquet are ValueError/OSError subclasses
         raise UserError(f"{p}: cannot read as {fmt} ({' '.join(str(err).split())[:200]})") from None
+
+
+def _existing(path: str | Path, fmt: str) -> tuple[Path, str]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: file not found; check the path (relative paths start at {Path.cwd()})")
+    return p, detect_format(p, fmt)
+
+
+def _csv_options(fmt: str, encoding: str) -> dict[str, Any]:
+    """Every cell a string, only truly empty cells missing; TSV without quoting."""
+    opts: dict[str, Any] = {"encoding": encoding, "dtype": object, "keep_default_na": False, "na_values": [""]}
+    return opts | ({"sep": "\t", "quoting": 3} if fmt == "tsv" else {})
+
+
+def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
+    """Read one file (or `save_to_disk` folder) into a DataFrame."""
+    p, fmt = _existing(path, fmt)
+    with _reading(p, fmt, encoding):
+        if fmt in ("csv", "tsv"):
+            return pd.read_csv(p, **_csv_options(fmt, encoding))
+        if fmt == "jsonl":
+            return _read_jsonl(p, encoding)
+        if fmt == "json":
+            return _read_json(p, encoding)
+        if fmt == "parquet":
+            return pd.read_parquet(p)
+        if fmt == "disk":
+            return _read_disk(p)
     raise UserError(f"{p}: unknown data.format {fmt!r}")
 
 
+@dataclass
+class TableStream:
+    """A table read in chunks of at most `chunk_rows` rows, so memory stays bounded for any file size.
+
+    `progress` tells how far the reader is, in the units of `total` (bytes of the file, or rows of a
+    Parquet file), for a progress bar. JSON arrays and `save_to_disk` folders are not line-oriented: they are
+    read whole and then handed out in chunks.
+    """
+
+    path: Path
+    format: str
+    encoding: str
+    chunk_rows: int
+    total: int = 0
+    progress: int = 0
+    unit: str = "B"
+
+    def __iter__(self) -> Iterator[pd.DataFrame]:
+        with _reading(self.path, self.format, self.encoding):
+            if self.format in ("csv", "tsv", "jsonl"):
+                self.total = self.path.stat().st_size
+                with self.path.open("rb") as raw:
+                    chunks = (
+                        _jsonl_chunks(raw, self.path, self.encoding, self.chunk_rows)
+                        if self.format == "jsonl"
+                        else pd.read_csv(raw, chunksize=self.chunk_rows, **_csv_options(self.format, self.encoding))
+                    )
+                    for chunk in chunks:
+                        self.progress = raw.tell()
+                        yield chunk
+                return
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+
+                file = pq.ParquetFile(self.path)
+                self.total, self.unit = file.metadata.num_rows, "rows"
+                start = 0
+                for batch in file.iter_batches(batch_size=self.chunk_rows):
+                    df = batch.to_pandas()
+                    df.index = pd.RangeIndex(start, start + len(df))
+                    start += len(df)
+                    self.progress = start
+                    yield df
+                return
+            df = read_table(self.path, self.format, self.encoding)
+            self.total, self.unit = len(df), "rows"
+            for start in range(0, len(df), self.chunk_rows):
+                self.progress = min(len(df), start + self.chunk_rows)
+                yield df.iloc[start : start + self.chunk_rows]
+
+
+def stream_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8", chunk_rows: int = 10_000) -> TableStream:
+    """Chunks of a table file (see `TableStream`); the rows' index counts from 0 across chunks."""
+    p, fmt = _existing(path, fmt)
+    return TableStream(p, fmt, encoding, chunk_rows)
+
+
+def _jsonl_rows(lines: Iterable[tuple[int, str]], p: Path) -> Iterator[dict[str, Any]]:
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{p} line {lineno}: broken JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{p} line {lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        yield obj
+
+
+def _jsonl_chunks(raw: BinaryIO, p: Path, encoding: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    lines = ((n, line.decode(encoding)) for n, line in enumerate(raw, 1))
+    start = 0
+    rows = _jsonl_rows(lines, p)
+    while chunk := list(itertools.islice(rows, chunk_rows)):
+        yield pd.DataFrame(chunk, index=pd.RangeIndex(start, start + len(chunk)))
+        start += len(chunk)
+    if start == 0:
+        raise UserError(f"{p}: the file has no JSON lines")
+
+
 def _read_jsonl(p: Path, encoding: str) -> pd.DataFrame:
-    rows = []
     with p.open(encoding=encoding) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{p} line {lineno}: broken JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{p} line {lineno}: expected a JSON object per line, got {type(obj).__name__}")
-            rows.append(obj)
+        rows = list(_jsonl_rows(enumerate(f, 1), p))
     if not rows:
         raise UserError(f"{p}: the file has no JSON lines")
     return pd.DataFrame(rows)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from textclass.errors import UserError
 from textclass.fileio import atomic_write
@@ -41,30 +42,53 @@ def predictions_frame(predictor: Predictor, df: pd.DataFrame, results: list[dict
 
 
 def predict_file(
-    predictor: Predictor, input_path: Path, output_path: Path, top_k: int | None = None, threshold: float | None = None
+    predictor: Predictor,
+    input_path: Path,
+    output_path: Path,
+    top_k: int | None = None,
+    threshold: float | None = None,
+    chunk_rows: int = 10_000,
 ) -> tuple[int, list[str]]:
-    """Predict every row of a file and write CSV or JSONL atomically; returns (rows, unknown labels)."""
-    from textclass.data.prepare import read_eval_data
+    """Predict every row of a file and write CSV or JSONL atomically; returns (rows, unknown labels).
+
+    The input is streamed `chunk_rows` rows at a time and each chunk's predictions are appended to the
+    output as soon as they are made, so memory stays bounded for inputs of any size. The output appears
+    under its name only when the whole file is done: an error half-way (a broken line, a full disk) leaves
+    no partial file behind.
+    """
+    from textclass.data.prepare import eval_frame
+    from textclass.data.readers import stream_table
 
     fmt = _output_format(output_path)
-    df, unknown = read_eval_data(str(input_path), predictor.cfg.data, predictor.labels, require_labels=False)
-    pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
-    probs = predictor.predict_proba(df["text"].tolist(), pairs, progress=True)
-    results = predictor.decode(probs, top_k=top_k, threshold=threshold)
+    stream = stream_table(input_path, "auto", predictor.cfg.data.encoding, chunk_rows=chunk_rows)
+    rows = 0
+    unknown: dict[str, None] = {}  # ordered set: first seen first
 
     def write(tmp: Path) -> None:
-        if fmt == "csv":
-            predictions_frame(predictor, df, results).to_csv(tmp, index=False)
-        else:
-            with tmp.open("w", encoding="utf-8") as f:
-                for text, r in zip(df["text"], results):
-                    f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
+        nonlocal rows
+        with tmp.open("w", encoding="utf-8", newline="") as f, tqdm(
+            desc="Predicting", unit=stream.unit, unit_scale=stream.unit == "B", disable=None
+        ) as bar:
+            for chunk in stream:
+                df, new_unknown = eval_frame(chunk, str(input_path), predictor.cfg.data, predictor.labels, False)
+                unknown.update(dict.fromkeys(new_unknown))
+                pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
+                results = predictor.predict(df["text"].tolist(), pairs, top_k=top_k, threshold=threshold)
+                if fmt == "csv":
+                    predictions_frame(predictor, df, results).to_csv(f, index=False, header=rows == 0)
+                else:
+                    for text, r in zip(df["text"], results):
+                        f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
+                rows += len(df)
+                bar.total = stream.total
+                bar.update(stream.progress - bar.n)
+                bar.set_postfix(texts=rows, refresh=False)
 
     try:
         atomic_write(output_path, write)
     except OSError as err:
         raise UserError(f"{output_path}: cannot write ({err.strerror}); choose a writable --output") from None
-    return len(df), unknown
+    return rows, list(unknown)
 
 
 def render_scores(result: dict[str, Any], width: int = 30) -> str:
