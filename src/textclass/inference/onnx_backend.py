@@ -70,6 +70,7 @@ def make_session(path: Path, threads: int | None = None) -> Any:
         raise UserError(f"{path}: ONNX file missing; run `textclass export --model {path.parent.parent}` again")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: the graph rewriter's notes are not the user's business
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -1,0 +1,176 @@
+"""PyTorch module -> ONNX graph, per family, with dynamic batch and sequence axes.
+
+The graph takes int64 inputs named as the family's batches (`input_ids`, `attention_mask`[, `token_type_ids`]
+for encoders and the small sequence models; fastText's flat `input_ids` + `offsets`) and returns `logits` and
+`probabilities` (softmax, or independent sigmoids for multi-label runs: the probability op is in the graph,
+so a plain `onnxruntime.InferenceSession` gives the same scores as `textclass predict`).
+
+Exporter choice: the TorchScript exporter (`dynamo=False`) for everything except the small Transformer. It
+traces packed RNNs (`pack_padded_sequence` -> ONNX LSTM/GRU with `sequence_lens`) and fastText's EmbeddingBag
+with dynamic axes, exports in about a second, and its BERT graph is the pattern onnxruntime's transformer
+optimizer fuses (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization). The dynamo exporter
+fails on the data-dependent packing; the TorchScript trace of `nn.MultiheadAttention` bakes the example's
+batch x heads into a Reshape, so the small Transformer (and only it) goes through `dynamo=True`
+(torch.export with symbolic batch/sequence dimensions; needs onnxscript).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger("textclass")
+
+OPSET = 17  # TorchScript exporter; the dynamo exporter needs >= 18
+OUTPUTS = ["logits", "probabilities"]
+
+
+@dataclass
+class GraphSpec:
+    """What the exported graph looks like from outside (recorded in export.json)."""
+
+    inputs: list[str]
+    layout: str  # "padded" or "bags"
+    exporter: str  # "torchscript" or "dynamo"
+    opset: int
+
+
+class _Head(nn.Module):
+    """Wrap a model so the graph returns logits and probabilities, inputs in a fixed order.
+
+    The two-argument signature (not **kwargs) is what both exporters need to name inputs.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], multi_label: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.multi_label = multi_label
+
+    def _out(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = logits.float()
+        return logits, torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = dict(zip(self.names, (a, b, c)))
+        return self._out(self.model(**batch))
+
+
+def graph_inputs(family_name: str, arch: str | None, sample_batch: dict[str, torch.Tensor]) -> tuple[list[str], str]:
+    """Input names (in graph order) and batch layout for a family, from one collated batch."""
+    if family_name == "small" and arch == "fasttext":
+        return ["input_ids", "offsets"], "bags"
+    order = ["input_ids", "attention_mask", "token_type_ids"]
+    return [k for k in order if k in sample_batch], "padded"
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Hugging Face encoders traced with eager attention (the pattern onnxruntime's BERT fusion matches),
+    restored afterwards so the parity check compares against the model as users run it."""
+    hf = [m for m in model.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")]
+    before = [getattr(m.config, "_attn_implementation", None) for m in hf]
+    try:
+        for m in hf[:1]:  # the outermost pretrained model sets it for its submodules
+            try:
+                m.set_attn_implementation("eager")
+            except (ValueError, AttributeError, TypeError):  # model without the switch: export as is
+                pass
+        yield
+    finally:
+        for m, impl in zip(hf[:1], before[:1]):
+            if impl is not None:
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    m.set_attn_implementation(impl)
+
+
+def export_graph(
+    model: nn.Module,
+    family_name: str,
+    arch: str | None,
+    sample_batch: dict[str, torch.Tensor],
+    multi_label: bool,
+    path: Path,
+    max_length: int,
+) -> GraphSpec:
+    """Write `model` to `path` as ONNX with dynamic batch/sequence axes."""
+    names, layout = graph_inputs(family_name, arch, sample_batch)
+    head = _Head(model.eval(), names, multi_label).eval()
+    args = tuple(sample_batch[n] for n in names)
+    use_dynamo = family_name == "small" and arch == "transformer"
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _quiet():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes: covered by parity
+        if use_dynamo:
+            batch_dim = torch.export.Dim("batch")
+            seq_dim = torch.export.Dim("sequence", max=max_length)
+            torch.onnx.export(
+                head,
+                args,
+                str(path),
+                input_names=names,
+                output_names=OUTPUTS,
+                dynamic_shapes=({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim}),
+                opset_version=18,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+            return GraphSpec(names, layout, "dynamo", 18)
+        if layout == "bags":
+            axes = {"input_ids": {0: "features"}, "offsets": {0: "batch"}}
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        axes.update({o: {0: "batch"} for o in OUTPUTS})
+        with eager_attention(model) if family_name == "encoder" else contextlib.nullcontext():
+            torch.onnx.export(
+                head,
+                args,
+                str(path),
+                input_names=names,
+                output_names=OUTPUTS,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    return GraphSpec(names, layout, "torchscript", OPSET)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporters print diagnostics to stdout and log optional-op notes ("torchvision is not
+    installed"); keep the CLI output to our own lines."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def check_model(path: Path) -> None:
+    """onnx's checker on the written file (by path, so models over 2 GB work)."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Input/output names and symbolic shapes, as plain onnxruntime users see them."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {
+        "inputs": {i.name: {"shape": list(i.shape), "type": i.type} for i in sess.get_inputs()},
+        "outputs": {o.name: {"shape": list(o.shape), "type": o.type} for o in sess.get_outputs()},
+    }
