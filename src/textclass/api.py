@@ -38,13 +38,19 @@ def train(
 
 
 def evaluate(
-    model_dir: str | Path, data: str | Path, output_dir: str | Path | None = None, batch_size: int = 32, threshold: float | None = None
+    model_dir: str | Path,
+    data: str | Path,
+    output_dir: str | Path | None = None,
+    batch_size: int = 32,
+    threshold: float | None = None,
+    backend: str = "auto",
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Score a labelled file with a trained model and write the reports (metrics, per-class, confusion, badcases)."""
     from textclass.data.prepare import read_eval_data
     from textclass.evaluation import write_report
 
-    predictor = load_predictor(model_dir, batch_size=batch_size)
+    predictor = load_predictor(model_dir, batch_size=batch_size, threads=threads, backend=backend)
     df, _ = read_eval_data(str(data), predictor.cfg.data, predictor.labels, require_labels=True)
     probs = predictor.predict_proba(df["text"].tolist(), _pairs(df), progress=True)
     out = Path(output_dir) if output_dir else Path(model_dir) / "eval" / Path(data).stem
@@ -63,6 +69,24 @@ def evaluate(
         )
     except OSError as err:
         raise UserError(f"{out}: cannot write the report ({err.strerror}); choose a writable --output") from None
+
+
+def export(
+    model_dir: str | Path,
+    output: str | Path | None = None,
+    int8: bool = False,
+    optimize: bool = False,
+    data: str | Path | None = None,
+    samples: int = 256,
+) -> dict[str, Any]:
+    """Export a run directory to ONNX (into `DIR/onnx` unless `output`), with the parity check.
+
+    Returns the export record (also written as `export.json`): files, input/output names, parity numbers.
+    Raises UserError when the fp32 model differs from PyTorch by more than 1e-4 in any probability.
+    """
+    from textclass.export import export_onnx
+
+    return export_onnx(model_dir, output=output, int8=int8, optimize=optimize, data=data, samples=samples)
 
 
 def _pairs(df: Any) -> list[str] | None:

@@ -73,12 +73,14 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default DIR/eval/<file>)."),
     batch_size: int = typer.Option(32, help="Texts per batch."),
     threshold: Optional[float] = typer.Option(None, help="Multi-label threshold (default: the run's)."),
+    backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
     """Per-class report, confusion matrix and badcases for a labelled file."""
     from textclass.api import evaluate as api_evaluate
     from textclass.evaluation import format_report
 
-    report = api_evaluate(model, data, output, batch_size=batch_size, threshold=threshold)
+    report = api_evaluate(model, data, output, batch_size=batch_size, threshold=threshold, backend=backend, threads=threads)
     typer.echo(format_report(report, title=f"{data} ({report['metrics'].get('num_examples', '?')} examples)"))
     typer.echo(f"reports written to {Path(next(iter(report['files'].values()))).parent}")
 
@@ -92,6 +94,8 @@ def predict(
     top_k: Optional[int] = typer.Option(None, help="Keep the k best class scores per text."),
     threshold: Optional[float] = typer.Option(None, help="Multi-label threshold (default: the run's)."),
     batch_size: int = typer.Option(32, help="Texts per batch."),
+    backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
     """Predict labels for a file, or interactively."""
     from textclass.inference.io import predict_file, interactive_loop
@@ -101,7 +105,7 @@ def predict(
         raise UserError("predict: give either --input FILE (with --output FILE) or -i for interactive mode")
     if input is not None and output is None:
         raise UserError("predict: --output FILE is required with --input (a .csv or .jsonl path)")
-    predictor = load_predictor(model, batch_size=batch_size)
+    predictor = load_predictor(model, batch_size=batch_size, threads=threads, backend=backend)
     if interactive:
         interactive_loop(predictor, top_k=top_k or 5)
         return
@@ -113,12 +117,45 @@ def predict(
 
 
 @app.command()
-def info(model: Path = typer.Option(..., "--model", "-m", help="Run directory.")) -> None:
+def info(
+    model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
+    backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
+) -> None:
     """Parameters, size on disk, labels and measured latency."""
     from textclass.inference.io import model_info
 
-    for key, value in model_info(model).items():
+    for key, value in model_info(model, backend=backend, threads=threads).items():
         typer.echo(f"{key:>22}: {value}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a dynamically int8-quantised model (used by default)."),
+    optimize: bool = typer.Option(False, "--optimize", help="Fuse the graph (attention, layer norm, GELU)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default DIR/onnx)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Texts for the parity check (default: validation split)."),
+    samples: int = typer.Option(256, min=1, help="Texts in the parity check."),
+) -> None:
+    """Export to ONNX (dynamic batch and sequence axes) and check parity with PyTorch."""
+    from textclass.api import export as api_export
+
+    record = api_export(model, output=output, int8=int8, optimize=optimize, data=data, samples=samples)
+    p = record["parity"]
+    typer.echo(f"parity on {p['samples']} texts ({p['source']}):")
+    typer.echo(f"  fp32 max |delta probability| vs PyTorch: {p['fp32_max_abs_diff']:.2e} (limit {p['fp32_tolerance']:.0e})")
+    if "int8_agreement" in p:
+        change = p["int8_accuracy_change"]
+        typer.echo(
+            f"  int8 top-1 agreement: {100 * p['int8_agreement']:.2f}%  accuracy change: "
+            + ("n/a (no labels)" if change is None else f"{100 * change:+.2f} points")
+        )
+    if record["fused_operators"]:
+        typer.echo("  fused: " + ", ".join(f"{k} {v}" for k, v in record["fused_operators"].items()))
+    for variant, name in record["files"].items():
+        typer.echo(f"wrote {Path(record['directory']) / name} ({variant}, {record['size_mb'][variant]} MB)")
+    typer.echo(f"default for --backend onnx/auto: {record['default']}; inputs {', '.join(record['inputs'])}; outputs logits, probabilities")
 
 
 @data_app.command("list")

@@ -120,12 +120,19 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (set(f.relative_to(path).parts) & skip))
 
 
-def model_info(run_dir: str | Path, repeats: int = 5) -> dict[str, Any]:
+def model_info(run_dir: str | Path, repeats: int = 5, backend: str = "auto", threads: int | None = None) -> dict[str, Any]:
     """Parameters, size on disk, labels and measured latency at batch 1 and 32 (median of `repeats`)."""
     from textclass.inference.predictor import load_predictor
 
-    predictor = load_predictor(run_dir, batch_size=32)
-    params = list(predictor.model.parameters())
+    predictor = load_predictor(run_dir, batch_size=32, threads=threads, backend=backend)
+    if predictor.backend == "onnx":  # no torch module: count the graph's weights (trainable = all of them)
+        from textclass.inference.onnx_backend import graph_parameter_count
+
+        n = graph_parameter_count(predictor)
+        counts = (n, n)
+    else:
+        params = list(predictor.model.parameters())
+        counts = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
     sentence = "The committee said on Tuesday that the new rules would take effect next year after a review. "
     texts = [sentence * 3] * 32
 
@@ -144,8 +151,9 @@ def model_info(run_dir: str | Path, repeats: int = 5) -> dict[str, Any]:
         "model": getattr(predictor.cfg.model, "name", getattr(predictor.cfg.model, "arch", "")),
         "task": "multi-label" if predictor.labels.multi_label else "single-label",
         "labels": f"{predictor.labels.num_labels}: {', '.join(predictor.labels.names)}",
-        "parameters": f"{sum(p.numel() for p in params):,}",
-        "trainable parameters": f"{sum(p.numel() for p in params if p.requires_grad):,}",
+        "backend": predictor.backend + (f" ({predictor.variant})" if predictor.backend == "onnx" else ""),
+        "parameters": f"{counts[0]:,}",
+        "trainable parameters": f"{counts[1]:,}",
         "size on disk": f"{_dir_size(Path(run_dir)) / 1e6:.1f} MB",
         "latency batch 1": f"{ms1:.1f} ms",
         "latency batch 32": f"{ms32:.1f} ms ({32000 / ms32:.0f} texts/s)",

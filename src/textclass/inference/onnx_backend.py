@@ -99,8 +99,10 @@ class OnnxPredictor(BasePredictor):
         record: dict[str, Any],
         batch_size: int = 32,
         variant: str = "fp32",
+        path: Path | None = None,
     ) -> None:
         self.session = session
+        self.path = path
         self.tokenizer = tokenizer
         self.family = family
         self.cfg = cfg
@@ -151,6 +153,15 @@ def load_onnx_predictor(
     cfg = read_run_config(path)
     labels = LabelSet.load(path / LABELS_FILE)
     family = get_family(cfg.model.family)
-    session = make_session(path / ONNX_DIR / record["files"][variant], threads)
+    file = path / ONNX_DIR / record["files"][variant]
+    session = make_session(file, threads)
     tokenizer = load_tokenizer(family, path)
-    return OnnxPredictor(session, tokenizer, family, cfg, labels, record, batch_size=batch_size, variant=variant)
+    return OnnxPredictor(session, tokenizer, family, cfg, labels, record, batch_size=batch_size, variant=variant, path=file)
+
+
+def graph_parameter_count(predictor: OnnxPredictor) -> int:
+    """Number of weight values (initializers) in the loaded ONNX file, for `textclass info`."""
+    import onnx
+
+    graph = onnx.load(str(predictor.path), load_external_data=False).graph
+    return int(sum(int(np.prod(t.dims)) for t in graph.initializer if t.data_type != onnx.TensorProto.INT64))
