@@ -158,6 +158,33 @@ def export(
     typer.echo(f"default for --backend onnx/auto: {record['default']}; inputs {', '.join(record['inputs'])}; outputs logits, probabilities")
 
 
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback unless told otherwise)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
+    backend: str = typer.Option("auto", help="Inference backend: auto, onnx or torch."),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="TEXTCLASS_API_KEY", show_envvar=True, help="Require this key (X-API-Key header or Bearer token)."
+    ),
+    max_batch_size: int = typer.Option(32, min=1, help="Texts per model call."),
+    max_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a batch waits to fill (ms)."),
+    max_texts: int = typer.Option(64, min=1, help="Texts per request."),
+    max_chars: int = typer.Option(10_000, min=1, help="Characters per text."),
+    max_body_bytes: int = typer.Option(1_000_000, min=1, help="Request body size in bytes."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: all cores)."),
+    graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
+    access_log: bool = typer.Option(False, help="Log every request."),
+) -> None:
+    """Serve a model over HTTP: /v1/classify, /docs, /metrics and a web page at /."""
+    from textclass.serve import ServeSettings, serve as run_server
+
+    if backend not in ("auto", "onnx", "torch"):
+        raise UserError(f"--backend {backend}: unknown backend; use auto, onnx or torch")
+    settings = ServeSettings(max_batch_size, max_wait_ms, max_texts, max_chars, max_body_bytes, api_key or None)
+    run_server(model, host, port, backend, settings, threads, graceful_timeout, access_log)
+
+
 @data_app.command("list")
 def data_list() -> None:
     """List the built-in offline data sets."""

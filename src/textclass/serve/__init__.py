@@ -1,0 +1,123 @@
+"""Serving a run directory over HTTP (FastAPI + uvicorn), with micro-batching, limits and metrics.
+
+`textclass serve --model DIR` calls `serve()`; `create_app()` builds the app for tests or for another ASGI
+server. Needs the `serve` extra: `pip install textclass[serve]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+from textclass.errors import UserError
+
+log = logging.getLogger(__name__)
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Batching and limits; each is a `textclass serve` option."""
+
+    max_batch_size: int = 32  # texts per model call
+    max_wait_ms: float = 5.0  # how long the first text of a batch waits for company
+    max_texts: int = 64  # texts per request
+    max_chars: int = 10_000  # characters per text
+    max_body_bytes: int = 1_000_000  # request body size
+    api_key: Optional[str] = None  # when set, /v1/* and /metrics need it (X-API-Key or Bearer)
+
+
+def _require_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"serving needs the `serve` extra ({err.name} is missing): pip install 'textclass[serve]'") from None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before loading anything, so a taken port is one clear error rather than uvicorn's exit."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: cannot resolve ({err.strerror}); use an address such as 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(f"{host}:{port}: cannot listen ({err.strerror}); choose another --port or --host") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    model_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: str = "auto",
+    settings: ServeSettings | None = None,
+    threads: int | None = None,
+    graceful_timeout: float = 30.0,
+    access_log: bool = False,
+) -> None:
+    """Load the run directory and serve it until SIGTERM/SIGINT, then finish in-flight requests and exit."""
+    _require_extra()
+    import uvicorn
+
+    from textclass.serve.app import create_app
+    from textclass.serve.metrics import ServerState
+
+    settings = settings or ServeSettings()
+    sock = bind_socket(host, port)
+    try:
+        predictor = _load(model_dir, backend, settings.max_batch_size, threads)
+    except BaseException:
+        sock.close()
+        raise
+    state = ServerState()
+    app = create_app(predictor, settings, state)
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, which also marks the app as draining the moment the signal arrives."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            state.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, log_level="info", access_log=access_log, timeout_graceful_shutdown=graceful_timeout, lifespan="on"
+    )
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(
+        f"textclass serve: http://{shown}:{bound_port}  (model {model_dir}, backend {getattr(predictor, 'backend', 'torch')}, "
+        f"{'API key required' if settings.api_key else 'no API key'})",
+        flush=True,
+    )
+    if host not in LOOPBACK and not settings.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
+    _Server(config).run(sockets=[sock])
+
+
+def _load(model_dir: str | Path, backend: str, batch_size: int, threads: int | None) -> Any:
+    """The predictor, asking for a backend only when the installed predictor knows about backends."""
+    import inspect
+
+    from textclass.inference.predictor import load_predictor
+
+    if "backend" in inspect.signature(load_predictor).parameters:
+        return load_predictor(model_dir, batch_size=batch_size, threads=threads, backend=backend)
+    if backend not in ("auto", "torch"):
+        raise UserError(f"--backend {backend}: this install has only the torch backend; use --backend torch")
+    return load_predictor(model_dir, batch_size=batch_size, threads=threads)
+
+
+__all__ = ["ServeSettings", "serve", "bind_socket"]
