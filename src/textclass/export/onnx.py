@@ -27,7 +27,7 @@ from textclass.errors import UserError
 from textclass.export.graph import OUTPUTS, check_model, describe, export_graph
 from textclass.export.optimize import optimize_generic, optimize_transformer, quantize_int8
 from textclass.fileio import write_json
-from textclass.inference.onnx_backend import EXPORT_FILE, ONNX_DIR, OnnxPredictor, make_session
+from textclass.inference.onnx_backend import EXPORT_FILE, ONNX_DIR, OnnxPredictor, make_session, require_onnx
 from textclass.inference.predictor import Predictor, make_collator
 from textclass.rundir import Run, check_run_dir, load_run
 
@@ -128,6 +128,7 @@ def export_onnx(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export a run directory to ONNX, check parity, and return the export record (also in export.json)."""
+    require_onnx("textclass export")
     path = check_run_dir(run_dir)
     out_dir = Path(output) if output is not None else path / ONNX_DIR
     if samples < 1:

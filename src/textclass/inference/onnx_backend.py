@@ -62,8 +62,21 @@ def load_tokenizer(family: Family, run_dir: Path) -> Any:
     return TextTokenizer.load(run_dir / TOKENIZER_FILE)
 
 
+def onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def require_onnx(what: str) -> None:
+    """A one-line UserError when the optional ONNX packages are missing."""
+    if not onnx_available():
+        raise UserError(f"{what} needs onnxruntime; install it with: pip install 'textclass[onnx]'")
+
+
 def make_session(path: Path, threads: int | None = None) -> Any:
     """An ONNX Runtime CPU session; a missing, corrupt or truncated file is a one-line UserError."""
+    require_onnx("the onnx backend")
     import onnxruntime as ort
 
     if not path.is_file():

@@ -172,11 +172,11 @@ def load_predictor(
         raise UserError(f"threads: {threads} must be a positive number of threads")
     path = check_run_dir(run_dir)
     if backend != "torch":
-        from textclass.inference.onnx_backend import has_export, load_onnx_predictor
+        from textclass.inference.onnx_backend import has_export, load_onnx_predictor, onnx_available
 
         if backend == "onnx" and not has_export(path):
             raise UserError(f"{path}: no ONNX export in this run directory; run `textclass export --model {path}` first")
-        if has_export(path):
+        if has_export(path) and (backend == "onnx" or onnx_available()):  # auto without onnxruntime: torch
             return load_onnx_predictor(path, batch_size=batch_size, threads=threads, variant=variant)
     from textclass.rundir import load_run
 
