@@ -98,7 +98,7 @@ def serve(
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(
-        f"textclass serve: http://{shown}:{bound_port}  (model {model_dir}, backend {getattr(predictor, 'backend', 'torch')}, "
+        f"textclass serve: http://{shown}:{bound_port}  (model {model_dir}, backend {predictor.backend}, "
         f"{'API key required' if settings.api_key else 'no API key'})",
         flush=True,
     )
@@ -108,16 +108,9 @@ def serve(
 
 
 def _load(model_dir: str | Path, backend: str, batch_size: int, threads: int | None) -> Any:
-    """The predictor, asking for a backend only when the installed predictor knows about backends."""
-    import inspect
-
     from textclass.inference.predictor import load_predictor
 
-    if "backend" in inspect.signature(load_predictor).parameters:
-        return load_predictor(model_dir, batch_size=batch_size, threads=threads, backend=backend)
-    if backend not in ("auto", "torch"):
-        raise UserError(f"--backend {backend}: this install has only the torch backend; use --backend torch")
-    return load_predictor(model_dir, batch_size=batch_size, threads=threads)
+    return load_predictor(model_dir, batch_size=batch_size, threads=threads, backend=backend)
 
 
 __all__ = ["ServeSettings", "serve", "bind_socket"]

@@ -21,7 +21,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-from textclass.inference.predictor import Predictor
+from textclass.inference.predictor import BasePredictor
 from textclass.serve import ServeSettings
 from textclass.serve.batcher import BatcherClosed, MicroBatcher
 from textclass.serve.metrics import Metrics, ServerState, ServingMiddleware
@@ -81,7 +81,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(lines)
 
 
-def create_app(predictor: Predictor, settings: ServeSettings = ServeSettings(), state: ServerState | None = None) -> FastAPI:
+def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings(), state: ServerState | None = None) -> FastAPI:
     """An app serving `predictor`; `state` lets the process that runs it mark it as draining on SIGTERM."""
     state = state or ServerState()
     metrics = Metrics()
