@@ -134,6 +134,33 @@ def test_metrics(predictor: Predictor) -> None:
     assert metric(text, "textclass_texts_total") == 6
 
 
+def test_text_pairs_and_multi_label(tiny_bert: Path, tmp_path: Path) -> None:
+    """A pair model requires `pairs` (and only it offers the field); multi-label results carry `labels`."""
+    from textclass.api import train
+
+    files = {}
+    for split, (n, seed) in {"train": (60, 1), "valid": (15, 3)}.items():
+        df = make_texts(n, seed)
+        df["text_pair"] = make_texts(n, seed + 100)["text"]
+        df["label"] = [f"{a}|{b}" if a != b and i % 3 == 0 else a for i, (a, b) in enumerate(zip(df["label"], make_texts(n, seed + 100)["label"]))]
+        files[split] = tmp_path / f"{split}.csv"
+        df.to_csv(files[split], index=False)
+    cfg = tiny_config(tiny_bert, files, tmp_path / "run", epochs=1)
+    cfg["data"].update(text_pair_column="text_pair", label_delimiter="|")
+    pair_predictor = load_predictor(train(cfg).run_dir)
+    texts, pairs = TEXTS[:3], ["bread soup", "goal", "chip code"]
+    with client(pair_predictor) as c:
+        info = c.get("/v1/labels").json()
+        assert info["multi_label"] is True and info["text_pairs"] is True
+        r = c.post("/v1/classify", json={"texts": texts, "pairs": pairs, "threshold": 0.3})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"results": pair_predictor.predict(texts, pairs, threshold=0.3)}
+        assert set(r.json()["results"][0]) == {"labels", "scores"}
+        assert "pairs: Field required" in c.post("/v1/classify", json={"texts": texts}).json()["detail"]
+        r = c.post("/v1/classify", json={"texts": texts, "pairs": pairs[:2]})
+        assert r.status_code == 422 and "pairs: give one second text per text (3), not 2" in r.json()["detail"]
+
+
 # --- limits and errors --------------------------------------------------------------------------------------
 
 
@@ -148,7 +175,7 @@ def test_metrics(predictor: Predictor) -> None:
         ({"text": ["x"]}, 422, "texts: Field required"),
         ({"texts": ["x"], "top_k": 0}, 422, "top_k: Input should be greater than or equal to 1"),
         ({"texts": ["x"], "threshold": 1.5}, 422, "threshold: Input should be less than or equal to 1"),
-        ({"texts": ["x"], "pairs": ["y"]}, 422, "this model classifies single texts"),
+        ({"texts": ["x"], "pairs": ["y"]}, 422, "pairs: Extra inputs are not permitted"),
         ({"texts": ["x"] * 4, "padding": "z" * 400}, 413, "request body over 300 bytes"),
     ],
 )

@@ -58,18 +58,21 @@ class ErrorBody(BaseModel):
     detail: Any = Field(description="What went wrong and what to change.")
 
 
-def _request_model(settings: ServeSettings) -> type[BaseModel]:
-    """The request schema with this server's limits in it, so OpenAPI documents them and pydantic enforces them."""
+def _request_model(settings: ServeSettings, pair_model: bool) -> type[BaseModel]:
+    """The request schema with this server's limits in it, so OpenAPI documents them and pydantic enforces them.
+
+    `pairs` exists (and is required) only for text-pair models, so the schema never offers what the model refuses.
+    """
     text = Annotated[str, StringConstraints(max_length=settings.max_chars)]
     texts = Annotated[list[text], Field(min_length=1, max_length=settings.max_texts)]  # type: ignore[valid-type]
-    return create_model(
-        "ClassifyRequest",
-        __config__=ConfigDict(extra="forbid"),
-        texts=(texts, Field(description=f"1 to {settings.max_texts} texts of at most {settings.max_chars} characters.")),
-        pairs=(Optional[texts], Field(None, description="Second texts, one per text (text-pair models only).")),
-        top_k=(Optional[int], Field(None, ge=1, description="Keep the k best class scores per text.")),
-        threshold=(Optional[float], Field(None, ge=0.0, le=1.0, description="Multi-label threshold (default: the model's).")),
-    )
+    fields: dict[str, Any] = {
+        "texts": (texts, Field(description=f"1 to {settings.max_texts} texts of at most {settings.max_chars} characters.")),
+        "top_k": (Optional[int], Field(None, ge=1, description="Keep the k best class scores per text.")),
+        "threshold": (Optional[float], Field(None, ge=0.0, le=1.0, description="Multi-label threshold (default: the model's).")),
+    }
+    if pair_model:
+        fields["pairs"] = (texts, Field(description="The second text of each pair, one per text."))
+    return create_model("ClassifyRequest", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -87,7 +90,7 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     metrics = Metrics()
     pair_model = predictor.cfg.data.text_pair_column is not None
     batcher = MicroBatcher(predictor.predict_proba, settings.max_batch_size, settings.max_wait_ms, metrics.observe_batch)
-    ClassifyRequest = _request_model(settings)
+    ClassifyRequest = _request_model(settings, pair_model)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,11 +138,9 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     )
     async def classify(body: ClassifyRequest) -> Any:  # type: ignore[valid-type]
         """Labels and ranked class scores for each text, exactly as `textclass predict` gives them."""
-        texts, pairs = body.texts, body.pairs  # type: ignore[attr-defined]
-        if pair_model and (pairs is None or len(pairs) != len(texts)):
-            raise HTTPException(422, f"this model classifies text pairs: give `pairs` with one entry per text ({len(texts)})")
-        if not pair_model and pairs is not None:
-            raise HTTPException(422, "this model classifies single texts: leave out `pairs`")
+        texts, pairs = body.texts, getattr(body, "pairs", None)  # type: ignore[attr-defined]
+        if pairs is not None and len(pairs) != len(texts):
+            raise HTTPException(422, f"pairs: give one second text per text ({len(texts)}), not {len(pairs)}")
         try:
             probs = await batcher.submit(texts, pairs)
         except BatcherClosed:
