@@ -218,3 +218,22 @@ def test_no_export_and_corrupt_files(tiny_bert: Path, tmp_path: Path) -> None:
     shutil.rmtree(run_dir / "onnx")
     res = cli("evaluate", "--model", run_dir, "--data", tmp_path / "valid.csv", "--backend", "torch", "--threads", "1")
     assert res.returncode == 0, res.stderr
+
+
+def test_onnx_backend_of_an_encoder_never_imports_torch(encoder_run: Path) -> None:
+    """The ONNX path tokenizes with the Rust `tokenizers` library and runs onnxruntime: no torch import,
+    which is most of the memory an ONNX-serving process saves."""
+    import subprocess
+    import sys
+
+    from textclass import api
+
+    api.export(encoder_run)
+    code = (
+        "import sys; from textclass.inference.predictor import load_predictor; "
+        f"p = load_predictor({str(encoder_run)!r}); print(p.backend, p.predict(['match goal', 'soup'])[1]['label']); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    expected = api.Classifier.load(encoder_run, backend="torch").predict(["soup"])[0]["label"]
+    assert out[0] == f"onnx {expected}" and out[1] == "False False", out

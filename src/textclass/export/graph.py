@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,10 +153,19 @@ def _quiet() -> Iterator[None]:
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration.level
     registration.setLevel(logging.ERROR)
+    # The TorchScript exporter's C++ shape-inference notes ("prim::PackPadded ... missing") go straight to
+    # file descriptor 2; the parity check is what tells whether the graph is right, so they are dropped.
+    # Errors still arrive as Python exceptions with their message.
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
         registration.setLevel(level)
 
 

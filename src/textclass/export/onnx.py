@@ -27,7 +27,14 @@ from textclass.errors import UserError
 from textclass.export.graph import OUTPUTS, check_model, describe, export_graph
 from textclass.export.optimize import optimize_generic, optimize_transformer, quantize_int8
 from textclass.fileio import write_json
-from textclass.inference.onnx_backend import EXPORT_FILE, ONNX_DIR, OnnxPredictor, make_session, require_onnx
+from textclass.inference.onnx_backend import (
+    EXPORT_FILE,
+    ONNX_DIR,
+    OnnxPredictor,
+    load_tokenizer,
+    make_session,
+    require_onnx,
+)
 from textclass.inference.predictor import Predictor, make_collator
 from textclass.rundir import Run, check_run_dir, load_run
 
@@ -191,7 +198,9 @@ def _export_into(
         "inputs": spec.inputs,
         "outputs": OUTPUTS,
         "layout": spec.layout,
-        "pad_id": 0,
+        # Padding of the onnx backend's own (torch-free) batches: the tokenizer's pad id and side.
+        "pad_id": int(run.tokenizer.pad_token_id or 0) if family.name == "encoder" else 0,
+        "padding_side": getattr(run.tokenizer, "padding_side", "right"),
         "probabilities": "sigmoid" if multi else "softmax",
         "labels": list(labels.names),
         "family": cfg.model.family,
@@ -203,8 +212,12 @@ def _export_into(
     log.info("parity check on %d texts (%s)", len(texts), source)
     ref = torch_pred.predict_proba(texts, pairs, progress=progress)
 
+    # The onnx side loads its tokenizer exactly as `load_predictor(backend="onnx")` will, so the parity
+    # check covers the torch-free encoding path too.
+    onnx_tokenizer, onnx_family = load_tokenizer(cfg, run.path, record)
+
     def onnx_probs(file: str, variant: str) -> np.ndarray:
-        pred = OnnxPredictor(make_session(tmp / file), run.tokenizer, family, cfg, labels, record, batch_size, variant)
+        pred = OnnxPredictor(make_session(tmp / file), onnx_tokenizer, onnx_family, cfg, labels, record, batch_size, variant)
         return pred.predict_proba(texts, pairs, progress=progress)
 
     p32 = onnx_probs(FP32_FILE, "fp32")
@@ -219,7 +232,7 @@ def _export_into(
     sizes = {"fp32": _size_mb(fp32)}
     if int8:
         log.info("quantising to int8")
-        quantize_int8(fp32, tmp / INT8_FILE)
+        record["quantization"] = quantize_int8(fp32, tmp / INT8_FILE)
         record["files"]["int8"] = INT8_FILE
         sizes["int8"] = _size_mb(tmp / INT8_FILE)
         p8 = onnx_probs(INT8_FILE, "int8")

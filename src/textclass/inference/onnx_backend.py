@@ -1,7 +1,12 @@
 """The `onnx` prediction backend: ONNX Runtime on the file `textclass export` wrote.
 
 Only the tokenizer is read from the run directory; the forward pass is ONNX Runtime on numpy arrays (no
-PyTorch module is built, no weights are loaded into torch), and nothing here imports training code.
+PyTorch module is built, no weights are loaded into torch), and nothing here imports training code. For
+encoders nothing imports torch at all: texts are encoded by the `tokenizers` library (the Rust fast tokenizer
+from the run's `tokenizer.json`, batched and multi-threaded) with the same truncation as training; the
+export's parity check runs through this path, so a tokenisation difference would fail the export. That
+keeps an ONNX-serving process about 220 MB smaller than one that imports torch (measured with
+benchmarks/inference.py). The small family encodes with its own tokenizer, whose module imports torch.
 
 The export lives in `RUN_DIR/onnx/`: `model.onnx` (fp32, graph-optimised with `--optimize`),
 `model.int8.onnx` (with `--int8`) and `export.json`, which records the graph's input names, how batches are
@@ -18,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from textclass.config import Config
+from textclass.config import Config, build_config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.inference.predictor import BasePredictor
-from textclass.models.registry import Family, get_family
 
 ONNX_DIR = "onnx"
 EXPORT_FILE = "export.json"
@@ -48,18 +52,72 @@ def read_export_record(run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def load_tokenizer(family: Family, run_dir: Path) -> Any:
-    """The tokenizer alone (the family's `load` would also build the PyTorch model, which ONNX does not need)."""
-    if family.name == "encoder":
-        from transformers import AutoTokenizer
+# `textclass.rundir` imports the model registry and with it torch; these two are its checks without that
+# import (same files, same messages), so that an ONNX-only process never loads torch.
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+
+
+def check_run_dir(path: str | Path) -> Path:
+    """The path, if it is a finished run directory; else a one-line error saying what is missing."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{p}: no such run directory; pass the folder `textclass train` wrote (e.g. runs/NAME)")
+    missing = [f for f in (CONFIG_FILE, LABELS_FILE) if not (p / f).is_file()]
+    if missing:
+        hint = " (training may not have finished; resume with `textclass train --resume`)" if (p / "checkpoints").is_dir() else ""
+        raise UserError(f"{p}: not a textclass run directory, missing {', '.join(missing)}{hint}")
+    return p
+
+
+def read_run_config(path: Path) -> Config:
+    import yaml
+
+    try:
+        raw = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"{path / CONFIG_FILE}: unreadable; the run directory is damaged") from None
+    return build_config(raw, source=str(path / CONFIG_FILE))
+
+
+class RustEncoder:
+    """An encoder run's tokenizer through the `tokenizers` library: what `EncoderFamily.encode` + the
+    collator compute (truncation to max_length, longest-first for pairs; padding to the batch's longest)."""
+
+    def __init__(self, path: Path, max_length: int, pad_id: int, padding_side: str) -> None:
+        from tokenizers import Tokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(run_dir)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{run_dir}: the tokenizer files are missing or damaged ({type(err).__name__})") from None
-    from textclass.text import TOKENIZER_FILE, TextTokenizer
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for unreadable JSON
+            raise UserError(f"{path}: the tokenizer file is missing or damaged ({' '.join(str(err).split())[:120]})") from None
+        self.tok.no_padding()
+        self.tok.enable_truncation(max_length=max_length, strategy="longest_first")
+        self.pad_id = pad_id
+        self.left = padding_side == "left"
 
-    return TextTokenizer.load(run_dir / TOKENIZER_FILE)
+    def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
+        batch = self.tok.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
+        return {
+            "input_ids": [e.ids for e in batch],
+            "attention_mask": [e.attention_mask for e in batch],
+            "token_type_ids": [e.type_ids for e in batch],
+        }
+
+    def pad(self, features: list[dict[str, Any]], names: list[str]) -> dict[str, np.ndarray]:
+        width = max(len(f["input_ids"]) for f in features)
+        out = {}
+        for name in names:
+            fill = self.pad_id if name == "input_ids" else 0
+            arr = np.full((len(features), width), fill, dtype=np.int64)
+            for row, f in enumerate(features):
+                seq = f[name]
+                if self.left:
+                    arr[row, width - len(seq) :] = seq
+                else:
+                    arr[row, : len(seq)] = seq
+            out[name] = arr
+        return out
 
 
 def onnx_available() -> bool:
@@ -106,7 +164,7 @@ class OnnxPredictor(BasePredictor):
         self,
         session: Any,
         tokenizer: Any,
-        family: Family,
+        family: Any,
         cfg: Config,
         labels: LabelSet,
         record: dict[str, Any],
@@ -127,6 +185,12 @@ class OnnxPredictor(BasePredictor):
         self.layout: str = record["layout"]
         self.pad_id: int = int(record.get("pad_id", 0))
 
+    def _encode(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
+        if not isinstance(self.tokenizer, RustEncoder):
+            return super()._encode(texts, pairs)
+        enc = self.tokenizer.encode(texts, pairs)
+        return [{k: enc[k][i] for k in self.inputs} for i in range(len(texts))]
+
     def _collate_batch(self, features: list[dict[str, Any]]) -> dict[str, np.ndarray]:
         """Pad with numpy (no torch tensors): the graph takes int64 arrays named as in export.json."""
         if self.layout == "bags":  # fastText: flat ids + start offset of each text
@@ -134,7 +198,9 @@ class OnnxPredictor(BasePredictor):
             offsets = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
             flat = np.fromiter((i for f in features for i in f["input_ids"]), dtype=np.int64)
             return {"input_ids": flat, "offsets": offsets}
-        if self.family.name == "encoder":
+        if isinstance(self.tokenizer, RustEncoder):
+            return self.tokenizer.pad(features, self.inputs)
+        if self.cfg.model.family == "encoder":  # a tokenizer without tokenizer.json (slow tokenizers)
             batch = self.tokenizer.pad(features, padding=True, return_tensors="np")
             return {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
         width = max([len(f["input_ids"]) for f in features] + [1])
@@ -154,8 +220,6 @@ def load_onnx_predictor(
     run_dir: str | Path, batch_size: int = 32, threads: int | None = None, variant: str | None = None
 ) -> OnnxPredictor:
     """Load the exported model of a run directory (the record's default file unless `variant` says)."""
-    from textclass.rundir import LABELS_FILE, check_run_dir, read_run_config
-
     path = check_run_dir(run_dir)
     record = read_export_record(path)
     variant = variant or record.get("default", "fp32")
@@ -165,10 +229,9 @@ def load_onnx_predictor(
         raise UserError(f"{path}: no {variant} ONNX export; run `textclass export --model {path}{' --int8' if variant == 'int8' else ''}`")
     cfg = read_run_config(path)
     labels = LabelSet.load(path / LABELS_FILE)
-    family = get_family(cfg.model.family)
     file = path / ONNX_DIR / record["files"][variant]
     session = make_session(file, threads)
-    tokenizer = load_tokenizer(family, path)
+    tokenizer, family = load_tokenizer(cfg, path, record)
     return OnnxPredictor(session, tokenizer, family, cfg, labels, record, batch_size=batch_size, variant=variant, path=file)
 
 
@@ -178,3 +241,28 @@ def graph_parameter_count(predictor: OnnxPredictor) -> int:
 
     graph = onnx.load(str(predictor.path), load_external_data=False).graph
     return int(sum(int(np.prod(t.dims)) for t in graph.initializer if t.data_type != onnx.TensorProto.INT64))
+
+
+def load_tokenizer(cfg: Config, run_dir: Path, record: dict[str, Any]) -> tuple[Any, Any]:
+    """(tokenizer, family) for the onnx backend; `family` is None where the encoding needs no family hook.
+
+    Encoders with a `tokenizer.json` (every fast tokenizer) get the torch-free `RustEncoder`; otherwise the
+    family's own tokenizer and `encode` are used (transformers' AutoTokenizer and the small family's
+    modules import torch).
+    """
+    if cfg.model.family == "encoder" and (run_dir / "tokenizer.json").is_file() and "pad_id" in record:
+        encoder = RustEncoder(run_dir / "tokenizer.json", cfg.model.max_length, int(record["pad_id"]), record.get("padding_side", "right"))
+        return encoder, None
+    from textclass.models.registry import get_family
+
+    family = get_family(cfg.model.family)
+    if cfg.model.family == "encoder":
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(run_dir), family
+        except (OSError, ValueError) as err:
+            raise UserError(f"{run_dir}: the tokenizer files are missing or damaged ({type(err).__name__})") from None
+    from textclass.text import TOKENIZER_FILE, TextTokenizer
+
+    return TextTokenizer.load(run_dir / TOKENIZER_FILE), family

@@ -14,26 +14,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from textclass.config import Config
 from textclass.data.labels import LabelSet
-from textclass.models.registry import Collator, Family
+
+if TYPE_CHECKING:  # torch is imported where it is used: the onnx backend of an encoder runs without it
+    import torch
+    from torch import nn
+
+    from textclass.models.registry import Collator, Family
 
 
 def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Class probabilities: independent sigmoids (multi-label) or a softmax (single-label)."""
+    import torch
+
     logits = logits.float()
     return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
 
 
 def make_collator(family: Family, tokenizer: Any, cfg: Config, multi_label: bool) -> Collator:
     """The family's padding plus the shared handling of `labels` and `length`."""
+    import torch
+
     inner = family.collator(tokenizer, cfg.model)
 
     def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -141,6 +148,8 @@ class Predictor(BasePredictor):
         return {k: v.to(self.device) for k, v in self._collate(features).items()}
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        import torch
+
         with torch.inference_mode():
             return probabilities(self.model(**batch), self.labels.multi_label).cpu().numpy()
 
@@ -164,7 +173,7 @@ def load_predictor(
     default the export's recorded default is used. `threads` caps the intra-op threads of either backend.
     """
     from textclass.errors import UserError
-    from textclass.rundir import check_run_dir
+    from textclass.inference.onnx_backend import check_run_dir, has_export, load_onnx_predictor, onnx_available
 
     if backend not in BACKENDS:
         raise UserError(f"backend: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -172,12 +181,13 @@ def load_predictor(
         raise UserError(f"threads: {threads} must be a positive number of threads")
     path = check_run_dir(run_dir)
     if backend != "torch":
-        from textclass.inference.onnx_backend import has_export, load_onnx_predictor, onnx_available
 
         if backend == "onnx" and not has_export(path):
             raise UserError(f"{path}: no ONNX export in this run directory; run `textclass export --model {path}` first")
         if has_export(path) and (backend == "onnx" or onnx_available()):  # auto without onnxruntime: torch
             return load_onnx_predictor(path, batch_size=batch_size, threads=threads, variant=variant)
+    import torch
+
     from textclass.rundir import load_run
 
     if threads:
