@@ -199,3 +199,31 @@ def test_tensorboard_and_early_stopping(tiny_bert: Path, toy_files: dict, tmp_pa
                                best_metric="accuracy"))
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert result.metrics["train"]["epochs"] < 30  # stopped once valid accuracy (soon 1.0) stopped improving
+
+
+def test_validation_logits_are_kept_in_dataset_order(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    """Validation runs longest-first; the kept logits are put back in dataset order and equal a fresh prediction."""
+    from textclass.config import build_config
+    from textclass.data.prepare import prepare_data
+    from textclass.inference.predictor import Predictor, probabilities
+    from textclass.models.registry import get_family
+    from textclass.training.losses import make_loss
+    from textclass.training.trainer import build_trainer, tokenize
+
+    cfg = build_config(tiny_config(tiny_bert, toy_files, tmp_path / "run", eval_batch_size=7))
+    cfg.training.learning_rate = 1e-3
+    data = prepare_data(cfg.data)
+    family = get_family("encoder")
+    tok = family.build_tokenizer(cfg.model, [])
+    torch.manual_seed(0)
+    model = family.build_model(cfg.model, data.labels.num_labels, tok, data.labels.id2label)
+    train_ds, valid_ds = (tokenize(family, tok, cfg, df, data.labels) for df in (data.train, data.valid))
+    loss = make_loss(False, data.labels.num_labels, "none", np.zeros(1))
+    trainer = build_trainer(cfg, family, model, tok, data.labels, train_ds, valid_ds, tmp_path / "ckpt", loss)
+    raw = trainer.predict(valid_ds).predictions  # sampler order: longest first
+    assert not np.array_equal(trainer._eval_order, np.arange(len(valid_ds)))
+    trainer.evaluate()
+    kept = probabilities(torch.as_tensor(trainer.eval_logits[0]), False).numpy()
+    fresh = Predictor(model, tok, family, cfg, data.labels, batch_size=5).predict_proba(data.valid["text"].tolist())
+    np.testing.assert_allclose(kept, fresh, atol=1e-5)
+    assert not np.allclose(probabilities(torch.as_tensor(raw), False).numpy(), fresh, atol=1e-5)  # order matters

@@ -20,7 +20,7 @@ import yaml
 from textclass.config import Config, save_config
 from textclass.data.prepare import PreparedData, prepare_data
 from textclass.errors import UserError
-from textclass.inference.predictor import Predictor
+from textclass.inference.predictor import Predictor, probabilities
 from textclass.models.registry import get_family
 from textclass.fileio import write_json
 from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE
@@ -105,7 +105,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     predictor = Predictor(model, tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
     metrics: dict[str, Any] = {"train": _train_summary(trainer)}
     reports: dict[str, dict[str, Any]] = {}
-    valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
+    valid_probs = _best_valid_probs(trainer, data.labels.multi_label)
+    if valid_probs is None:  # no validation logits kept for the best step (e.g. it ran before a --resume)
+        valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
     if data.labels.multi_label and cfg.evaluation.tune_threshold:
         from textclass.evaluation import tune_threshold
 
@@ -120,6 +122,13 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
 
     _write_run(run_dir, cfg, data, family, model, tokenizer, trainer, metrics)
     return TrainResult(run_dir, metrics, reports)
+
+
+def _best_valid_probs(trainer: Any, multi_label: bool) -> np.ndarray | None:
+    """The validation probabilities the Trainer computed at the best checkpoint's step, if it kept them."""
+    best = trainer.state.best_model_checkpoint
+    logits = trainer.eval_logits.get(int(Path(best).name.split("-")[-1])) if best else None
+    return None if logits is None else probabilities(torch.as_tensor(logits), multi_label).numpy()
 
 
 def _pairs(df: Any) -> list[str] | None:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.inference.predictor import make_collator, probabilities
 from textclass.models.registry import Family
+from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, sparse_parameters
 
 LOWER_IS_BETTER = {"loss", "hamming_loss"}
 
@@ -41,6 +41,10 @@ class ClassifierTrainer(Trainer):
         self.loss_fn = loss_fn
         # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
+        # Validation logits per global step, in dataset order: the run's final valid report reuses the best
+        # step's instead of predicting the validation set once more.
+        self.eval_logits: dict[int, np.ndarray] = {}
+        self._eval_order: np.ndarray | None = None
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -54,31 +58,50 @@ class ClassifierTrainer(Trainer):
         return _list_lengths(super()._get_train_sampler(train_dataset))
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        return _list_lengths(super()._get_eval_sampler(eval_dataset))
+        """Longest examples first: the least padding, and a fixed order that `evaluation_loop` can undo.
+
+        (The Trainer's own choice under group_by_length is its randomised training sampler.)
+        """
+        if eval_dataset is None or "length" not in getattr(eval_dataset, "column_names", ()):
+            self._eval_order = None
+            return super()._get_eval_sampler(eval_dataset)
+        self._eval_order = np.argsort(-np.asarray(eval_dataset["length"]), kind="stable")
+        return self._eval_order.tolist()
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        order = self._eval_order
+        keep = metric_key_prefix == "eval" and isinstance(out.predictions, np.ndarray)
+        if keep and order is not None and len(out.predictions) == len(order):
+            logits = np.empty_like(out.predictions)
+            logits[order] = out.predictions
+            self.eval_logits[self.state.global_step] = logits
+        return out
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """AdamW as the Trainer builds it, plus SparseAdam for sparse embeddings (fastText's hashed table).
+        """The Trainer's AdamW, plus `RowSparseAdam` for sparse embeddings (fastText's hashed table).
 
-        AdamW cannot take sparse gradients, and a dense step over fastText's ~1 GB table costs seconds;
-        SparseAdam updates only the rows a batch used. Models without sparse embeddings get the stock optimizer.
+        AdamW cannot take sparse gradients, and a dense step over fastText's ~1 GB table costs seconds.
+        Models without sparse embeddings get the stock optimizer.
         """
         opt_model = self.model if model is None else model
-        sparse = sparse_parameters(opt_model)
-        if self.optimizer is not None or not sparse:
-            return super().create_optimizer(model)
-        skip = {id(p) for p in sparse}
-        dense = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in skip]
-        decay = set(self.get_decay_parameter_names(opt_model))
-        groups = [
-            {"params": [p for n, p in dense if n in decay], "weight_decay": self.args.weight_decay},
-            {"params": [p for n, p in dense if n not in decay], "weight_decay": 0.0},
-        ]
-        adam = {"lr": self.args.learning_rate, "betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon}
-        # Dense first: the Trainer logs param_groups[0]'s learning rate. SparseAdam has no weight decay (nor has fastText).
-        self.optimizer = CombinedOptimizer(
-            [torch.optim.AdamW([g for g in groups if g["params"]], **adam), torch.optim.SparseAdam(sparse, **adam)]
-        )
-        return self.optimizer
+        if self.optimizer is None:
+            self.optimizer = adamw_with_sparse_rows(
+                opt_model,
+                set(self.get_decay_parameter_names(opt_model)),
+                lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+            )
+        return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
         # torch's clip_grad_norm_ rejects sparse gradients; clip the same global norm with our own helper.
@@ -103,78 +126,6 @@ def _list_lengths(sampler: Any) -> Any:
     if isinstance(sampler, LengthGroupedSampler) and not isinstance(sampler.lengths, list):
         sampler.lengths = list(sampler.lengths)
     return sampler
-
-
-def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable weights of embeddings built with `sparse=True`: their gradients are sparse tensors."""
-    return [
-        m.weight
-        for m in model.modules()
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad
-    ]
-
-
-def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` (L2) that also accepts sparse gradients: same global norm, same scaling."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()  # a row used twice in a batch appears twice until coalesced
-            grads.append(p.grad._values())
-        else:
-            grads.append(p.grad)
-    if not grads:
-        return torch.tensor(0.0)
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
-    if max_norm < math.inf:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.detach().mul_(coef.to(g.device, g.dtype))
-    return total
-
-
-class CombinedOptimizer(torch.optim.Optimizer):
-    """Several optimizers stepped, zeroed, saved and restored as one.
-
-    Hand-written because torch and transformers have none, and the Trainer, its LR scheduler, accelerate and
-    checkpointing all want a single `torch.optim.Optimizer`. As accelerate's `AcceleratedOptimizer` does, it
-    skips `Optimizer.__init__`: `param_groups` and `state` are views of the children, rebuilt on each access
-    because a child's `load_state_dict` replaces its group dicts (the scheduler must set lr on the live ones).
-    """
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:  # noqa: D107 - no super().__init__ on purpose
-        self.optimizers = optimizers
-        self.defaults = optimizers[0].defaults
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property
-    def state(self) -> dict[Any, Any]:  # type: ignore[override]
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
-
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = closure() if closure is not None else None
-        for o in self.optimizers:
-            o.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        saved = state_dict.get("optimizers")
-        if not isinstance(saved, list) or len(saved) != len(self.optimizers):
-            raise UserError("checkpoint: optimizer state does not match this model's optimizers; train without --resume")
-        for o, s in zip(self.optimizers, saved):
-            o.load_state_dict(s)
 
 
 def cache_dir() -> Path:
