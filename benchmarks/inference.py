@@ -26,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def _test_data(dataset: str, limit: int | None) -> tuple[list[str], list[str]]:
     if limit:
         df = df.head(limit)
     return df["text"].astype(str).tolist(), df["label"].astype(str).tolist()
+
+
+def _read_texts(path: Path) -> tuple[list[str], list[str]]:
+    """The workers read the texts from a JSON file the parent wrote: loading the data set (pandas, the
+    reader) would otherwise add ~230 MB to every worker's peak memory, hiding what prediction costs."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["texts"], data["labels"]
 
 
 def _peak_rss_mb() -> float:
@@ -76,7 +84,7 @@ def _predict_fn(variant: str, model: Path, threads: int, batch_size: int):  # no
 
 def worker(args: argparse.Namespace) -> dict:
     """Measure one variant in this process; returns the row as a dict."""
-    texts, gold = _test_data(args.dataset, args.limit)
+    texts, gold = _read_texts(args.texts)
     t0 = time.perf_counter()
     run32 = _predict_fn(args.worker, args.model, args.threads, 32)
     load_s = time.perf_counter() - t0
@@ -148,6 +156,7 @@ def main() -> None:
     ap.add_argument("--export", action="store_true", help="Run `textclass export --optimize --int8` first.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--texts", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -157,15 +166,17 @@ def main() -> None:
     if args.export:
         export(args.model)
     variants = [v for v in args.variants.split(",") if not (args.no_pipeline and v == "pipeline")]
+    texts, labels = _test_data(args.dataset, args.limit)
     rows = []
-    for v in variants:
-        cmd = [sys.executable, __file__, "--worker", v, "--model", str(args.model), "--dataset", args.dataset,
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--batch1-texts", str(args.batch1_texts)]
-        if args.limit:
-            cmd += ["--limit", str(args.limit)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"{v}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = Path(tmp) / "texts.json"
+        data_file.write_text(json.dumps({"texts": texts, "labels": labels}), encoding="utf-8")
+        for v in variants:
+            cmd = [sys.executable, __file__, "--worker", v, "--model", str(args.model), "--texts", str(data_file),
+                   "--threads", str(args.threads), "--repeats", str(args.repeats), "--batch1-texts", str(args.batch1_texts)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"{v}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     print(f"model {args.model}, {rows[0]['n_texts']} {args.dataset} test texts (batch 1: first {rows[0]['n_batch1']}), "
           f"{args.threads} threads, CPU")
     print(table(rows))

@@ -39,7 +39,7 @@ def optimize_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int)
     with _quiet_root():  # the optimizer logs every fusion at INFO through the root logger
         opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
         opt.save_model_to_file(str(dst))
-    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+        stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     if not stats.get("Attention") and not stats.get("MultiHeadAttention"):
         log.warning("graph optimisation: no attention fusion matched this encoder; the graph runs unfused")
     return stats
