@@ -34,17 +34,23 @@ from textclass.serve.batcher import BatcherClosed, MicroBatcher  # noqa: E402
 TEXTS = ["goal match team", "chip software code network", "bread soup oven", "the referee and the coach", "", "我爱自然语言处理"]
 
 
+_TRAINED: dict[str, Path] = {}  # test_serve_browser imports these fixtures; train once per session, not per module
+
+
 @pytest.fixture(scope="module")
 def serve_run(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny trained run directory (seconds on a CPU)."""
     from textclass.api import train
 
+    if "run" in _TRAINED:
+        return _TRAINED["run"]
     root = tmp_path_factory.mktemp("serve")
     files = {}
     for split, (n, seed) in {"train": (90, 1), "valid": (15, 3)}.items():
         files[split] = root / f"{split}.csv"
         make_texts(n, seed).to_csv(files[split], index=False)
-    return train(tiny_config(tiny_bert, files, root / "run", epochs=6)).run_dir
+    _TRAINED["run"] = Path(train(tiny_config(tiny_bert, files, root / "run", epochs=6)).run_dir)
+    return _TRAINED["run"]
 
 
 @pytest.fixture(scope="module")
