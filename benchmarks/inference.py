@@ -42,27 +42,24 @@ def _test_data(dataset: str, limit: int | None) -> tuple[list[str], list[str]]:
     return df["text"].astype(str).tolist(), df["label"].astype(str).tolist()
 
 
-def _read_texts(path: Path) -> tuple[list[str], list[str]]:
+def _read_texts(path: Path) -> tuple[list[str], list[str], int]:
     """The workers read the texts from a JSON file the parent wrote: loading the data set (pandas, the
     reader) would otherwise add ~230 MB to every worker's peak memory, hiding what prediction costs."""
     data = json.loads(path.read_text(encoding="utf-8"))
-    return data["texts"], data["labels"]
+    return data["texts"], data["labels"], data["max_length"]
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _predict_fn(variant: str, model: Path, threads: int, batch_size: int):  # noqa: ANN202 - local helper
+def _predict_fn(variant: str, model: Path, threads: int, batch_size: int, max_length: int):  # noqa: ANN202 - local helper
     """A function texts -> predicted label names, for one variant, built once per batch size."""
     if variant == "pipeline":
         import torch
         from transformers import pipeline
 
-        import yaml
-
         torch.set_num_threads(threads)
-        max_length = yaml.safe_load((model / "config.yaml").read_text())["model"]["max_length"]
         pipe = pipeline("text-classification", model=str(model), device=-1, dtype=torch.float32)
 
         def run(texts: list[str]) -> list[str]:
@@ -84,9 +81,9 @@ def _predict_fn(variant: str, model: Path, threads: int, batch_size: int):  # no
 
 def worker(args: argparse.Namespace) -> dict:
     """Measure one variant in this process; returns the row as a dict."""
-    texts, gold = _read_texts(args.texts)
+    texts, gold, max_length = _read_texts(args.texts)
     t0 = time.perf_counter()
-    run32 = _predict_fn(args.worker, args.model, args.threads, 32)
+    run32 = _predict_fn(args.worker, args.model, args.threads, 32, max_length)
     load_s = time.perf_counter() - t0
     run32(texts[:32])  # warm-up
     best, preds = float("inf"), []
@@ -94,7 +91,7 @@ def worker(args: argparse.Namespace) -> dict:
         t = time.perf_counter()
         preds = run32(texts)
         best = min(best, time.perf_counter() - t)
-    run1 = _predict_fn(args.worker, args.model, args.threads, 1) if args.worker == "pipeline" else run32
+    run1 = _predict_fn(args.worker, args.model, args.threads, 1, max_length) if args.worker == "pipeline" else run32
     one = texts[: args.batch1_texts]
     run1(one[:3])  # warm-up
     lat = []
@@ -152,7 +149,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Passes over the test texts at batch 32 (best is kept).")
     ap.add_argument("--batch1-texts", type=int, default=100, help="Texts timed one call each.")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
-    ap.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline row (linear-head runs).")
+    ap.add_argument("--no-pipeline", action="store_true", help="Skip the pipeline row.")
+    ap.add_argument("--pipeline-model", type=Path, default=None,
+                    help="Folder the pipeline loads (default --model; pipeline() needs a `head: hf` run).")
     ap.add_argument("--export", action="store_true", help="Run `textclass export --optimize --int8` first.")
     ap.add_argument("--json", type=Path, default=None, help="Also write the rows here.")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -170,15 +169,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp) / "texts.json"
-        data_file.write_text(json.dumps({"texts": texts, "labels": labels}), encoding="utf-8")
+        import yaml  # the pipeline truncates where the run does
+
+        max_length = yaml.safe_load((args.model / "config.yaml").read_text())["model"]["max_length"]
+        data_file.write_text(json.dumps({"texts": texts, "labels": labels, "max_length": max_length}), encoding="utf-8")
         for v in variants:
-            cmd = [sys.executable, __file__, "--worker", v, "--model", str(args.model), "--texts", str(data_file),
+            model = args.pipeline_model if v == "pipeline" and args.pipeline_model else args.model
+            cmd = [sys.executable, __file__, "--worker", v, "--model", str(model), "--texts", str(data_file),
                    "--threads", str(args.threads), "--repeats", str(args.repeats), "--batch1-texts", str(args.batch1_texts)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(f"{v}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
-    print(f"model {args.model}, {rows[0]['n_texts']} {args.dataset} test texts (batch 1: first {rows[0]['n_batch1']}), "
-          f"{args.threads} threads, CPU")
+    print(f"model {args.model}" + (f" (pipeline: {args.pipeline_model})" if args.pipeline_model else "")
+          + f", {rows[0]['n_texts']} {args.dataset} test texts (batch 1: first {rows[0]['n_batch1']}), {args.threads} threads, CPU")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
