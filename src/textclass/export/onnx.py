@@ -140,11 +140,11 @@ def export_onnx(
     out_dir = Path(output) if output is not None else path / ONNX_DIR
     if samples < 1:
         raise UserError(f"samples: {samples} must be at least 1")
-    run = load_run(path)
-    texts, pairs, y, source = parity_sample(run, data, samples)
-    tmp = _prepare_tmp(out_dir)
+    tmp = _prepare_tmp(out_dir)  # first: an unwritable destination fails before any slow work
     try:
-        record = _export_into(run, tmp, texts, pairs, y, source, int8, optimize, batch_size, progress)
+        run = load_run(path)
+        texts, pairs, y, source = parity_sample(run, data, samples)
+        record = _export_into(run, tmp, out_dir, texts, pairs, y, source, int8, optimize, batch_size, progress)
         _move_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -156,6 +156,7 @@ def export_onnx(
 def _export_into(
     run: Run,
     tmp: Path,
+    out_dir: Path,
     texts: list[str],
     pairs: list[str] | None,
     y: np.ndarray | None,
@@ -249,7 +250,7 @@ def _export_into(
     record["graph"] = describe(fp32)
     write_json(tmp / PARITY_FILE, parity)
     if parity["fp32_max_abs_diff"] > FP32_TOLERANCE:
-        failed = tmp.parent / f"{ONNX_DIR}-failed"
+        failed = out_dir.with_name(f"{out_dir.name}-failed")
         shutil.rmtree(failed, ignore_errors=True)
         os.replace(tmp, failed)
         raise UserError(
