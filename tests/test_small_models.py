@@ -15,7 +15,7 @@ from textclass.models.registry import get_family
 from textclass.models.small.family import SmallFamily
 from textclass.models.small.fasttext import char_ngram_buckets, fnv1a_32, hashed_features, word_ngram_buckets
 from textclass.text import SEP_ID, TextTokenizer
-from textclass.training.trainer import CombinedOptimizer, sparse_parameters
+from textclass.training.optim import adamw_with_sparse_rows, sparse_parameters
 
 ARCHS = ["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"]
 # 8 short texts, 3 classes; class 2 differs from class 0 only by word order, so fastText needs its bigrams.
@@ -93,7 +93,7 @@ def test_char_ngrams_give_unknown_words_features() -> None:
 def test_default_buckets_work() -> None:
     tok, cfg, model = built("fasttext", embedding_dim=4, buckets=SmallModelConfig().buckets, maxn=5, minn=3)
     assert model.embedding.weight.shape == (len(tok.vocab) + 2_000_000, 4)
-    assert sparse_parameters(model) == [model.embedding.weight]  # trained with SparseAdam, not a dense step
+    assert sparse_parameters(model) == [model.embedding.weight]  # trained row-wise, not with a dense step
     assert model(**batch(tok, cfg, ["a long text with words never seen", ""])).shape == (2, 3)
 
 
@@ -126,12 +126,10 @@ def test_shape_and_padding_invariance(arch: str, over: dict) -> None:
 
 
 def fit(arch: str, labels: torch.Tensor, multi_label: bool, steps: int = 150, **over: Any) -> torch.Tensor:
-    """Adam (SparseAdam for fastText's sparse table) on the whole tiny set; returns final train predictions."""
+    """The Trainer's optimizer (AdamW; row-wise AdaGrad for fastText's table) on the tiny set; final predictions."""
     tok, cfg, model = built(arch, n_labels=3, dropout=0.0, **over)
     inputs = batch(tok, cfg, TEXTS)
-    sparse = sparse_parameters(model)
-    dense = [p for p in model.parameters() if all(p is not q for q in sparse)]
-    opt = CombinedOptimizer([torch.optim.Adam(dense, lr=0.02)] + ([torch.optim.SparseAdam(sparse, lr=0.02)] if sparse else []))
+    opt = adamw_with_sparse_rows(model, set(), lr=0.02, weight_decay=0.0) or torch.optim.AdamW(model.parameters(), lr=0.02)
     model.train()
     for _ in range(steps):
         logits = model(**inputs)

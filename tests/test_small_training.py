@@ -1,5 +1,5 @@
-"""The small family through `textclass.train`: sparse fastText (SparseAdam + AdamW in one optimizer), sparse
-gradient clipping, checkpoint resume, per-family learning rates, and every arch on Chinese reviews."""
+"""The small family through `textclass.train`: sparse fastText (row-wise AdaGrad + AdamW in one optimizer),
+sparse gradient clipping, checkpoint resume, per-family learning rates, and every arch on Chinese reviews."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from textclass import Classifier, train
 from textclass.config import EncoderModelConfig, SmallModelConfig, build_config
 from textclass.models.registry import get_family
 from textclass.models.small.fasttext import FastText
-from textclass.training.trainer import clip_grad_norm_
+from textclass.training.optim import RowWiseAdagrad, clip_grad_norm_
 
 ARCHS = ["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"]
 
@@ -47,6 +47,38 @@ def test_sparse_clipping_equals_torch_on_dense_gradients(max_norm: float) -> Non
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_row_wise_adagrad_updates_used_rows_by_formula_and_resumes_exactly() -> None:
+    """G[r] += mean(g[r]^2); w[r] -= lr g[r] / (sqrt(G[r]) + eps), only for rows in the batch; a state_dict
+    round trip in the middle (what --resume does) changes nothing."""
+    torch.manual_seed(0)
+    lr, eps = 0.1, 1e-8
+    table = torch.nn.EmbeddingBag(1000, 4, mode="mean", sparse=True)
+    reference = table.weight.detach().clone()
+    initial = reference.clone()
+    acc = torch.zeros(1000)
+    opt = RowWiseAdagrad(table.parameters(), lr=lr, eps=eps)
+    for step in range(6):
+        ids, offsets = torch.randint(0, 50, (12,)), torch.tensor([0, 5, 9])
+        if step == 3:
+            twin = torch.nn.EmbeddingBag(1000, 4, mode="mean", sparse=True)
+            twin.load_state_dict(table.state_dict())
+            state = opt.state_dict()
+            table, opt = twin, RowWiseAdagrad(twin.parameters(), lr=lr, eps=eps)
+            opt.load_state_dict(state)
+        dense_twin = torch.nn.EmbeddingBag(1000, 4, mode="mean", _weight=reference.clone().requires_grad_())
+        dense_twin(ids, offsets).pow(2).sum().backward()
+        g = dense_twin.weight.grad
+        used = torch.unique(ids)
+        acc[used] += g[used].pow(2).mean(dim=1)
+        reference[used] -= lr * g[used] / (acc[used].sqrt() + eps).unsqueeze(1)
+        opt.zero_grad()
+        table(ids, offsets).pow(2).sum().backward()
+        opt.step()
+    torch.testing.assert_close(table.weight.detach(), reference, rtol=1e-5, atol=1e-7)
+    assert torch.equal(table.weight.detach()[50:], reference[50:])  # rows never used: untouched
+    assert not torch.equal(table.weight.detach()[:50], initial[:50])  # the used rows did move
+
+
 def test_default_learning_rate_is_the_familys() -> None:
     assert build_config({"data": {"dataset": "bbc-news"}}).training.learning_rate is None  # unset until a run
     assert get_family("encoder").default_learning_rate(EncoderModelConfig()) == 5e-5
@@ -54,7 +86,7 @@ def test_default_learning_rate_is_the_familys() -> None:
     assert all(small.default_learning_rate(SmallModelConfig(arch=a)) >= 1e-4 for a in ARCHS)  # from scratch
 
 
-def test_fasttext_default_buckets_learns_with_sparse_adam(toy_files: dict[str, Path], tmp_path: Path) -> None:
+def test_fasttext_default_buckets_learns_with_row_wise_adagrad(toy_files: dict[str, Path], tmp_path: Path) -> None:
     result = train(fasttext_config(toy_files, tmp_path / "run", epochs=3))
     assert result.metrics["test"]["accuracy"] >= 0.9
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
@@ -69,8 +101,8 @@ def test_resume_with_combined_optimizer_matches_uninterrupted(
 ) -> None:
     """Crash after the first epoch's checkpoint, resume: same metrics and scores as one uninterrupted run.
 
-    Equality needs the SparseAdam and AdamW moments and step counts back from the checkpoint; a fresh
-    optimizer state after the resume would change the second epoch.
+    Equality needs the row-wise AdaGrad accumulators and the AdamW moments and step counts back from the
+    checkpoint; a fresh optimizer state after the resume would change the second epoch.
     """
     from transformers import TrainerCallback
 

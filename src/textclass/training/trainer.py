@@ -86,7 +86,7 @@ class ClassifierTrainer(Trainer):
         return out
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's AdamW, plus `RowSparseAdam` for sparse embeddings (fastText's hashed table).
+        """The Trainer's AdamW, plus `RowWiseAdagrad` for sparse embeddings (fastText's hashed table).
 
         AdamW cannot take sparse gradients, and a dense step over fastText's ~1 GB table costs seconds.
         Models without sparse embeddings get the stock optimizer.

@@ -41,7 +41,7 @@ WEIGHTS_FILE = "model.safetensors"
 _Builder = Callable[[SmallModelConfig, int, int], nn.Module]
 _BUILDERS: dict[str, _Builder] = {
     # Sparse gradients: a step touches only the rows of the batch's features, not the ~1 GB table (the
-    # Trainer gives such embeddings SparseAdam).
+    # Trainer gives such embeddings row-wise AdaGrad, training/optim.py).
     "fasttext": lambda c, v, n: FastText(
         v, n, c.embedding_dim, c.buckets if uses_buckets(c.word_ngrams, c.maxn) else 0, sparse=True
     ),
@@ -57,7 +57,7 @@ _BUILDERS: dict[str, _Builder] = {
 
 
 # Default `training.learning_rate` per arch (models trained from scratch), measured on chinese-reviews and
-# bbc-news with AdamW/SparseAdam and the default linear schedule; see benchmarks/small_vs_fasttext.py.
+# bbc-news with AdamW (row-wise AdaGrad for fastText's table) and the default linear schedule; see benchmarks/small_vs_fasttext.py.
 DEFAULT_LEARNING_RATES = {"fasttext": 1e-2, "textcnn": 1e-3, "textrnn": 1e-3, "textrcnn": 1e-3, "transformer": 5e-4}
 
 

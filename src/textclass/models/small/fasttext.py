@@ -25,8 +25,10 @@ sigmoid BCE, both in the shared loss factory. Memory: (V + buckets) x dim float3
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import chain
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,16 +107,19 @@ def collate_bags(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     `offsets` comes first on purpose: Hugging Face's `find_batch_size` takes the first tensor's length
     as the batch size, and the flat `input_ids` is as long as all features together.
     """
-    lengths = torch.tensor([0] + [len(f["input_ids"]) for f in features[:-1]], dtype=torch.long)
-    flat = [i for f in features for i in f["input_ids"]]
-    return {"offsets": torch.cumsum(lengths, 0), "input_ids": torch.tensor(flat, dtype=torch.long)}
+    lengths = [len(f["input_ids"]) for f in features]
+    # One pass through numpy: `torch.tensor` on a flat Python list was 1/5 of a fastText training step.
+    flat = np.fromiter(chain.from_iterable(f["input_ids"] for f in features), dtype=np.int64, count=sum(lengths))
+    offsets = np.zeros(len(features), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=offsets[1:])
+    return {"offsets": torch.from_numpy(offsets), "input_ids": torch.from_numpy(flat)}
 
 
 class FastText(nn.Module):
     """Mean of feature embeddings -> linear layer -> logits."""
 
     def __init__(self, vocab_size: int, num_labels: int, dim: int, buckets: int, sparse: bool = False) -> None:
-        """`sparse=True` gives sparse embedding gradients (needs `torch.optim.SparseAdam` or SGD for them):
+        """`sparse=True` gives sparse embedding gradients (the Trainer gives them row-wise AdaGrad, see training/optim.py):
         with 2M buckets a dense Adam step touches all 256M values, a sparse one only the rows in the batch."""
         super().__init__()
         self.vocab_size = vocab_size
