@@ -202,7 +202,10 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
         eval_strategy=strategy if has_valid else "no",
-        save_strategy=strategy,
+        # Small models train from scratch and improve unevenly; writing only improving evaluations spares
+        # fastText's ~1 GB table most rewrites. A --resume then restarts from the best checkpoint and replays
+        # the later steps with the saved RNG/optimizer state, so the result is the same.
+        save_strategy="best" if has_valid and cfg.model.family == "small" else strategy,
         eval_steps=t.eval_steps,
         save_steps=t.eval_steps,
         save_total_limit=t.save_total_limit,
