@@ -179,6 +179,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--fasttext-lr", type=float, default=0.1, help="fastText's lr (its default 0.1).")
     p.add_argument("--svc-c", type=float, default=1.0)
     p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (quick runs).")
+    p.add_argument("--tag", default="", help="Suffix of the results file, for runs with other settings.")
     p.add_argument("--model", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -212,7 +213,7 @@ def main() -> None:
             f"{r['predict_per_s']:>10.0f}"
         )
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"small_vs_fasttext-{args.dataset}.json"
+    out = RESULTS / f"small_vs_fasttext-{args.dataset}{'-' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "model"}, "results": rows}, indent=2))
     print(f"\nwritten {out}")
 

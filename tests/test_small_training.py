@@ -164,3 +164,12 @@ def test_every_arch_learns_chinese_reviews(arch: str, chinese_slice: dict[str, P
     # Chance is 0.5 (balanced pos/neg); on 600 test texts 0.65 is far above it (z > 7). Full-data accuracy
     # is what benchmarks/small_vs_fasttext.py measures.
     assert result.metrics["test"]["accuracy"] >= 0.65, result.metrics["test"]
+
+
+def test_chinese_small_config_builds_the_documented_model() -> None:
+    """configs/chinese_small.yaml validates and builds the small-family setup the README reports."""
+    from textclass.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "chinese_small.yaml")
+    assert isinstance(cfg.model, SmallModelConfig) and cfg.data.dataset == "chinese-reviews"
+    assert cfg.model.tokenizer == "char" and cfg.model.arch == "fasttext"
