@@ -237,7 +237,7 @@ def main() -> None:
     for n, extra in enumerate(variants):
         url = f"http://127.0.0.1:{args.port + 1 + n}"
         cmd = [py, "-m", "textclass.cli", "serve", "--model", args.model, "--port", str(args.port + 1 + n), *extra.split()]
-        ours, proc = measure(args, f"serve {extra}", cmd, url, "/ready", "/v1/classify", texts)
+        ours, proc = measure(args, f"serve {extra or '(defaults)'}", cmd, url, "/ready", "/v1/classify", texts)
         try:
             metrics = httpx.get(url + "/metrics", timeout=10).text
             batches = {l.split(" ")[0]: float(l.split(" ")[1]) for l in metrics.splitlines() if l.startswith("textclass_batch_size_")}
@@ -246,13 +246,13 @@ def main() -> None:
                 before = server_5xx(url)
                 schema = run_schemathesis(url, args.schemathesis_seconds)
                 schema["server_5xx"] = server_5xx(url) - before
-                schema["variant"] = extra
+                schema["variant"] = extra or "(defaults)"
         finally:
             stop(proc)
         same = [i for i in ours["labels"] if i in naive["labels"]]
         ours["label_agreement"] = round(float(np.mean([ours["labels"][i] == naive["labels"][i] for i in same])), 4) if same else None
         ours["throughput_ratio"] = round(ours["rps"] / naive["rps"], 2) if naive["rps"] else None
-        ours["variant"] = extra
+        ours["variant"] = extra or "(defaults)"
         results.append(ours)
 
     print(f"\nmodel {args.model} ({cfg.model.name}, max_length {cfg.model.max_length}), {args.clients} clients, 1 text per "

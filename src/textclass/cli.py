@@ -167,12 +167,17 @@ def serve(
     api_key: Optional[str] = typer.Option(
         None, envvar="TEXTCLASS_API_KEY", show_envvar=True, help="Require this key (X-API-Key header or Bearer token)."
     ),
-    max_batch_size: int = typer.Option(32, min=1, help="Texts per model call."),
+    max_batch_size: int = typer.Option(32, min=1, help="Texts gathered from concurrent requests into one model call."),
+    forward_batch_size: int = typer.Option(
+        8, min=1, help="Texts per forward pass: a model call is sorted by length and run in slices of this size."
+    ),
     max_wait_ms: float = typer.Option(5.0, min=0.0, help="How long a batch waits to fill (ms)."),
     max_texts: int = typer.Option(64, min=1, help="Texts per request."),
     max_chars: int = typer.Option(10_000, min=1, help="Characters per text."),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="Request body size in bytes."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Torch threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(
+        None, min=1, help="Intra-op threads of the model (default: cores - 1, leaving one for the HTTP event loop)."
+    ),
     graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
@@ -182,7 +187,7 @@ def serve(
     if backend not in ("auto", "onnx", "torch"):
         raise UserError(f"--backend {backend}: unknown backend; use auto, onnx or torch")
     settings = ServeSettings(max_batch_size, max_wait_ms, max_texts, max_chars, max_body_bytes, api_key or None)
-    run_server(model, host, port, backend, settings, threads, graceful_timeout, access_log)
+    run_server(model, host, port, backend, settings, threads, forward_batch_size, graceful_timeout, access_log)
 
 
 @data_app.command("list")
