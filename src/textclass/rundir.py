@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from torch import nn
 
 from textclass.config import Config, build_config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
-from textclass.models.registry import Family, get_family
+
+if TYPE_CHECKING:  # torch is imported by `load_run` only: the ONNX backend checks run dirs without it
+    from torch import nn
+
+    from textclass.models.registry import Family
 
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "labels.json"
@@ -61,6 +64,8 @@ def load_run(path: str | Path) -> Run:
     p = check_run_dir(path)
     cfg = read_run_config(p)
     labels = LabelSet.load(p / LABELS_FILE)
+    from textclass.models.registry import get_family
+
     family = get_family(cfg.model.family)
     try:
         model, tokenizer = family.load(cfg.model, p, labels.num_labels, labels.id2label)

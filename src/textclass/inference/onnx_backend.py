@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from textclass.config import Config, build_config
+from textclass.config import Config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.inference.predictor import BasePredictor
+from textclass.rundir import LABELS_FILE, check_run_dir, read_run_config
 
 ONNX_DIR = "onnx"
 EXPORT_FILE = "export.json"
@@ -50,34 +51,6 @@ def read_export_record(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{path}: unreadable export record; run `textclass export --model {Path(run_dir)}` again") from None
     return record
-
-
-# `textclass.rundir` imports the model registry and with it torch; these two are its checks without that
-# import (same files, same messages), so that an ONNX-only process never loads torch.
-CONFIG_FILE = "config.yaml"
-LABELS_FILE = "labels.json"
-
-
-def check_run_dir(path: str | Path) -> Path:
-    """The path, if it is a finished run directory; else a one-line error saying what is missing."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(f"{p}: no such run directory; pass the folder `textclass train` wrote (e.g. runs/NAME)")
-    missing = [f for f in (CONFIG_FILE, LABELS_FILE) if not (p / f).is_file()]
-    if missing:
-        hint = " (training may not have finished; resume with `textclass train --resume`)" if (p / "checkpoints").is_dir() else ""
-        raise UserError(f"{p}: not a textclass run directory, missing {', '.join(missing)}{hint}")
-    return p
-
-
-def read_run_config(path: Path) -> Config:
-    import yaml
-
-    try:
-        raw = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        raise UserError(f"{path / CONFIG_FILE}: unreadable; the run directory is damaged") from None
-    return build_config(raw, source=str(path / CONFIG_FILE))
 
 
 class RustEncoder:

@@ -173,7 +173,8 @@ def load_predictor(
     default the export's recorded default is used. `threads` caps the intra-op threads of either backend.
     """
     from textclass.errors import UserError
-    from textclass.inference.onnx_backend import check_run_dir, has_export, load_onnx_predictor, onnx_available
+    from textclass.inference.onnx_backend import has_export, load_onnx_predictor, onnx_available
+    from textclass.rundir import check_run_dir
 
     if backend not in BACKENDS:
         raise UserError(f"backend: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
