@@ -13,7 +13,13 @@ from textclass.config import SmallModelConfig
 from textclass.errors import UserError
 from textclass.models.registry import get_family
 from textclass.models.small.family import SmallFamily
-from textclass.models.small.fasttext import char_ngram_buckets, fnv1a_32, hashed_features, word_ngram_buckets
+from textclass.models.small.fasttext import (
+    batch_word_ngram_buckets,
+    char_ngram_buckets,
+    fnv1a_32,
+    hashed_features,
+    word_ngram_buckets,
+)
 from textclass.text import SEP_ID, TextTokenizer
 from textclass.training.optim import adamw_with_sparse_rows, sparse_parameters
 
@@ -70,6 +76,31 @@ def test_hashed_feature_ids_are_fixed() -> None:
     assert hashed_features(["hello", "world"], 10, 2, 0, 0, 1000) == [10 + 20]  # rows after the vocabulary
     expected = tuple(fnv1a_32(g) % 1000 for g in ["<a", "a", "ab", "b", "b>"])  # no lone boundary markers
     assert char_ngram_buckets("ab", 1, 2, 1000) == expected
+
+
+def _ngram_buckets_loop(tokens: list[str], n: int, buckets: int) -> list[int]:
+    """dictionary.cc's addWordNgrams, transcribed loop for loop (int32 hashes widened to uint64)."""
+    u64 = (1 << 64) - 1
+    hashes = [(h - (1 << 32) if h >= (1 << 31) else h) & u64 for h in map(fnv1a_32, tokens)]
+    out = []
+    for i in range(len(hashes)):
+        h = hashes[i]
+        for j in range(i + 1, min(i + n, len(hashes))):
+            h = (h * 116049371 + hashes[j]) & u64
+            out.append(h % buckets)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_vectorised_ngram_hashing_equals_the_loop(n: int) -> None:
+    import random
+
+    rng = random.Random(n)
+    words = ["a", "学", "习", "hello", "😀", "xxxxx", "é"]
+    texts = [[rng.choice(words) for _ in range(rng.choice([0, 1, 2, 3, 7, 20]))] for _ in range(200)]
+    texts = [[], *texts, []]  # empty texts first and last: nothing shifts into a neighbour
+    got = batch_word_ngram_buckets(texts, n, 2_000_000)
+    assert [g.tolist() for g in got] == [_ngram_buckets_loop(t, n, 2_000_000) for t in texts]
 
 
 def test_word_ngrams_see_word_order() -> None:

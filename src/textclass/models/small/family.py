@@ -29,7 +29,7 @@ from textclass.errors import UserError
 from textclass.models.registry import Collator, Family, register
 from textclass.models.small.cnn import TextCNN
 from textclass.models.small.common import pad_batch
-from textclass.models.small.fasttext import FastText, collate_bags, hashed_features, uses_buckets
+from textclass.models.small.fasttext import FastText, batch_hashed_features, collate_bags, uses_buckets
 from textclass.models.small.rnn import TextRCNN, TextRNN
 from textclass.models.small.transformer import TransformerClassifier
 from textclass.text import TOKENIZER_FILE, UNK_ID, TextTokenizer, load_word2vec
@@ -118,14 +118,11 @@ class SmallFamily(Family):
         the Arrow cache schema fixed: a separate n-gram column can be empty for a whole batch (one-word
         texts), `datasets` then infers a null type and fails on the next batch.
         """
-        hashed = cfg.arch == "fasttext" and uses_buckets(cfg.word_ngrams, cfg.maxn)
-        ids: list[list[int]] = []
-        for i, text in enumerate(texts):
-            tokens = tokenizer.tokens(text, pairs[i] if pairs is not None else None, cfg.max_length)
-            row = tokenizer.vocab.ids(tokens) or [UNK_ID]
-            if hashed:
-                row += hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
-            ids.append(row)
+        tokens = [tokenizer.tokens(t, pairs[i] if pairs is not None else None, cfg.max_length) for i, t in enumerate(texts)]
+        ids = [tokenizer.vocab.ids(ts) or [UNK_ID] for ts in tokens]
+        if cfg.arch == "fasttext" and uses_buckets(cfg.word_ngrams, cfg.maxn):
+            hashed = batch_hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
+            ids = [row + extra for row, extra in zip(ids, hashed)]
         return {"input_ids": ids}
 
     def collator(self, tokenizer: TextTokenizer, cfg: SmallModelConfig) -> Collator:

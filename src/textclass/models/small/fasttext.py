@@ -38,7 +38,6 @@ _FNV_OFFSET = 2166136261
 _FNV_PRIME = 16777619
 _NGRAM_MULT = 116049371
 _U32 = 0xFFFFFFFF
-_U64 = 0xFFFFFFFFFFFFFFFF
 
 
 @lru_cache(maxsize=1 << 20)
@@ -50,11 +49,6 @@ def fnv1a_32(text: str) -> int:
     return h
 
 
-def _as_int32_u64(h: int) -> int:
-    """fastText stores word hashes as int32 and widens them to uint64 (sign extension)."""
-    return (h - (1 << 32) if h >= (1 << 31) else h) & _U64
-
-
 def uses_buckets(word_ngrams: int, maxn: int) -> bool:
     """fastText allocates hash buckets only when some n-gram feature exists."""
     return word_ngrams > 1 or maxn > 0
@@ -62,14 +56,37 @@ def uses_buckets(word_ngrams: int, maxn: int) -> bool:
 
 def word_ngram_buckets(tokens: list[str], n: int, buckets: int) -> list[int]:
     """Bucket ids (0 .. buckets-1) of all word n-grams with 2 <= length <= n, in fastText's order."""
-    hashes = [_as_int32_u64(fnv1a_32(t)) for t in tokens]
-    out = []
-    for i in range(len(hashes)):
-        h = hashes[i]
-        for j in range(i + 1, min(i + n, len(hashes))):
-            h = (h * _NGRAM_MULT + hashes[j]) & _U64
-            out.append(h % buckets)
-    return out
+    return batch_word_ngram_buckets([tokens], n, buckets)[0].tolist()
+
+
+def batch_word_ngram_buckets(token_lists: list[list[str]], n: int, buckets: int) -> list[np.ndarray]:
+    """`word_ngram_buckets` for many texts at once, vectorised with numpy over all their tokens.
+
+    Row i of a (tokens, n-1) grid holds the n-grams starting at token i (lengths 2 .. n), so reading the
+    valid cells row by row gives fastText's order. numpy's uint64 arithmetic wraps modulo 2**64 exactly
+    as fastText's `uint64_t` does. A Python loop over every token was most of fastText's tokenising time.
+    """
+    lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+    total = int(lengths.sum())
+    if n < 2 or total == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in token_lists]
+    # fastText keeps word hashes as int32 and widens them to uint64 by sign extension.
+    words = np.fromiter((fnv1a_32(t) for t in chain.from_iterable(token_lists)), dtype=np.uint32, count=total)
+    hashes = words.view(np.int32).astype(np.int64).view(np.uint64)
+    starts = np.cumsum(lengths) - lengths
+    remaining = np.repeat(starts + lengths, lengths) - np.arange(total)  # tokens from i to its text's end
+    grid = np.empty((total, n - 1), dtype=np.uint64)
+    current = hashes.copy()
+    following = np.zeros_like(hashes)
+    for k in range(1, n):
+        following[:] = 0
+        following[: total - k] = hashes[k:]
+        current = current * np.uint64(_NGRAM_MULT) + following
+        grid[:, k - 1] = current % np.uint64(buckets)
+    valid = remaining[:, None] > np.arange(1, n)[None, :]
+    flat = grid[valid].astype(np.int64)
+    per_text = sum(np.maximum(lengths - k, 0) for k in range(1, n))  # a text of L tokens has L - k (k+1)-grams
+    return np.split(flat, np.cumsum(per_text)[:-1])
 
 
 @lru_cache(maxsize=1 << 18)
@@ -91,14 +108,25 @@ def hashed_features(
     tokens: list[str], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int
 ) -> list[int]:
     """Embedding rows of the n-gram features of one text: `vocab_size + bucket id`."""
+    return batch_hashed_features([tokens], vocab_size, word_ngrams, minn, maxn, buckets)[0]
+
+
+def batch_hashed_features(
+    token_lists: list[list[str]], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int
+) -> list[list[int]]:
+    """`hashed_features` of many texts: word n-grams first, then each word's character n-grams."""
     if not uses_buckets(word_ngrams, maxn):
-        return []
-    ids = word_ngram_buckets(tokens, word_ngrams, buckets) if word_ngrams > 1 else []
-    if maxn > 0:
-        for t in tokens:
-            if t not in SPECIALS:
-                ids.extend(char_ngram_buckets(t, minn, maxn, buckets))
-    return [vocab_size + b for b in ids]
+        return [[] for _ in token_lists]
+    words = batch_word_ngram_buckets(token_lists, word_ngrams, buckets)
+    out = []
+    for tokens, ids in zip(token_lists, words):
+        row = (ids + vocab_size).tolist()
+        if maxn > 0:
+            for t in tokens:
+                if t not in SPECIALS:
+                    row.extend(vocab_size + b for b in char_ngram_buckets(t, minn, maxn, buckets))
+        out.append(row)
+    return out
 
 
 def collate_bags(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
