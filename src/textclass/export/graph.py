@@ -17,6 +17,7 @@ batch x heads into a Reshape, so the small Transformer (and only it) goes throug
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -108,17 +109,13 @@ def export_graph(
     head = _Head(model.eval(), names, multi_label).eval()
     args = tuple(sample_batch[n] for n in names)
     use_dynamo = family_name == "small" and arch == "transformer"
+    export = functools.partial(torch.onnx.export, head, args, str(path), input_names=names, output_names=OUTPUTS)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _quiet():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes: covered by parity
         if use_dynamo:
             batch_dim = torch.export.Dim("batch")
             seq_dim = torch.export.Dim("sequence", max=max_length)
-            torch.onnx.export(
-                head,
-                args,
-                str(path),
-                input_names=names,
-                output_names=OUTPUTS,
+            export(
                 dynamic_shapes=({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim}),
                 opset_version=18,
                 dynamo=True,
@@ -132,12 +129,7 @@ def export_graph(
             axes = {n: {0: "batch", 1: "sequence"} for n in names}
         axes.update({o: {0: "batch"} for o in OUTPUTS})
         with eager_attention(model) if family_name == "encoder" else contextlib.nullcontext():
-            torch.onnx.export(
-                head,
-                args,
-                str(path),
-                input_names=names,
-                output_names=OUTPUTS,
+            export(
                 dynamic_axes=axes,
                 opset_version=OPSET,
                 do_constant_folding=True,
