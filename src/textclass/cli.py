@@ -182,10 +182,11 @@ def serve(
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
     """Serve a model over HTTP: /v1/classify, /docs, /metrics and a web page at /."""
+    from textclass.inference.predictor import BACKENDS
     from textclass.serve import ServeSettings, serve as run_server
 
-    if backend not in ("auto", "onnx", "torch"):
-        raise UserError(f"--backend {backend}: unknown backend; use auto, onnx or torch")
+    if backend not in BACKENDS:  # checked before the port is bound
+        raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
     settings = ServeSettings(max_batch_size, max_wait_ms, max_texts, max_chars, max_body_bytes, api_key or None)
     run_server(model, host, port, backend, settings, threads, forward_batch_size, graceful_timeout, access_log)
 

@@ -155,8 +155,7 @@ class OnnxPredictor(BasePredictor):
         self.record = record
         self.variant = variant
         self.inputs: list[str] = list(record["inputs"])
-        self.layout: str = record["layout"]
-        self.pad_id: int = int(record.get("pad_id", 0))
+        self._family_collate: Any = None  # built on first use: only tokenizers other than RustEncoder need it
 
     def _encode(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
         if not isinstance(self.tokenizer, RustEncoder):
@@ -165,25 +164,14 @@ class OnnxPredictor(BasePredictor):
         return [{k: enc[k][i] for k in self.inputs} for i in range(len(texts))]
 
     def _collate_batch(self, features: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        """Pad with numpy (no torch tensors): the graph takes int64 arrays named as in export.json."""
-        if self.layout == "bags":  # fastText: flat ids + start offset of each text
-            lengths = [len(f["input_ids"]) for f in features]
-            offsets = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
-            flat = np.fromiter((i for f in features for i in f["input_ids"]), dtype=np.int64)
-            return {"input_ids": flat, "offsets": offsets}
+        """int64 arrays named as in export.json: padded by `RustEncoder` without torch, else by the family's
+        own collator (those tokenizers import torch anyway), so both backends batch exactly alike."""
         if isinstance(self.tokenizer, RustEncoder):
             return self.tokenizer.pad(features, self.inputs)
-        if self.cfg.model.family == "encoder":  # a tokenizer without tokenizer.json (slow tokenizers)
-            batch = self.tokenizer.pad(features, padding=True, return_tensors="np")
-            return {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
-        width = max([len(f["input_ids"]) for f in features] + [1])
-        ids = np.full((len(features), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(features), width), dtype=np.int64)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = f["input_ids"]
-            mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        if self._family_collate is None:
+            self._family_collate = self.family.collator(self.tokenizer, self.cfg.model)
+        batch = self._family_collate(features)
+        return {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
 
     def _forward(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(["probabilities"], batch)[0]
