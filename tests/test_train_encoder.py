@@ -227,3 +227,28 @@ def test_validation_logits_are_kept_in_dataset_order(tiny_bert: Path, toy_files:
     fresh = Predictor(model, tok, family, cfg, data.labels, batch_size=5).predict_proba(data.valid["text"].tolist())
     np.testing.assert_allclose(kept, fresh, atol=1e-5)
     assert not np.allclose(probabilities(torch.as_tensor(raw), False).numpy(), fresh, atol=1e-5)  # order matters
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    from textclass.training import trainer as tr
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
+    assert tr.resolve_precision("auto", "encoder") == {"bf16": True, "use_cpu": True}
+    assert tr.resolve_precision("auto", "small") == {}  # embedding-bound: autocast would only add casts
+    assert tr.resolve_precision("fp32", "encoder") == {}
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: False)
+    assert tr.resolve_precision("auto", "encoder") == {}  # emulated bf16 is slower than fp32
+    assert tr.resolve_precision("bf16", "encoder") == {"bf16": True, "use_cpu": True}  # asked for: honoured
+    with pytest.raises(UserError, match="training.precision=fp16"):
+        tr.resolve_precision("fp16", "encoder")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_cpu_precision_is_used_and_recorded(tiny_bert: Path, toy_files: dict, tmp_path: Path, precision: str) -> None:
+    result = train(tiny_config(tiny_bert, toy_files, tmp_path / "run", precision=precision, epochs=2))
+    assert result.metrics["train"]["precision"] == precision
+    saved = json.loads((result.run_dir / "metrics.json").read_text())
+    assert saved["train"]["precision"] == precision
+    clf = Classifier.load(result.run_dir)  # weights stay fp32 whatever the training precision
+    assert all(p.dtype == torch.float32 for p in clf.predictor.model.parameters())

@@ -120,7 +120,9 @@ class TrainingConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="`auto`: bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU."
+        "auto",
+        description="`auto`: bf16 on GPUs that have it, else fp16 on GPU; on CPU bf16 autocast for transformer "
+        "families where the CPU has native bf16 (AVX512-BF16/AMX), else fp32.",
     )
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; default: every epoch.")
     best_metric: str = Field("macro_f1", description="Metric that picks the best checkpoint (or `loss`).")

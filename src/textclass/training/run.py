@@ -163,6 +163,7 @@ def _train_summary(trainer: Any) -> dict[str, Any]:
         "best_metric": state.best_metric,
         "train_runtime_s": last.get("train_runtime"),
         "train_samples_per_second": last.get("train_samples_per_second"),
+        "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
     }
 
 
