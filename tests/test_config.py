@@ -16,7 +16,8 @@ def test_defaults_fill_every_section() -> None:
     cfg = build_config(BASE)
     assert cfg.model.family == "encoder"
     assert cfg.model.name == "sentence-transformers/all-MiniLM-L6-v2"
-    assert cfg.training.epochs == 3.0 and cfg.training.batch_size == 16
+    assert cfg.training.epochs == 3.0
+    assert cfg.training.batch_size is None and cfg.training.learning_rate is None  # the family's, at train time
     assert cfg.evaluation.threshold == 0.5
 
 

@@ -109,7 +109,9 @@ class TrainingConfig(_Section):
     output_dir: str | None = Field(None, description="Run directory; default runs/<data>-<family>.")
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int | None = Field(
+        None, ge=1, description="Unset: the family's default (encoder 16; small models by arch, see the README)."
+    )
     eval_batch_size: int = Field(64, ge=1)
     learning_rate: float | None = Field(
         None, gt=0, description="Unset: the family's default (encoder 5e-5; small models by arch, see the README)."

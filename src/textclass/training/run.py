@@ -82,6 +82,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     family = get_family(cfg.model.family)
     if cfg.training.learning_rate is None:  # resolved here, once, so the saved config shows the rate used
         cfg.training.learning_rate = family.default_learning_rate(cfg.model)
+    if cfg.training.batch_size is None:
+        cfg.training.batch_size = family.default_batch_size(cfg.model)
     tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
     set_seed(cfg.training.seed)
     model = family.build_model(

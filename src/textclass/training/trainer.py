@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import EvalPrediction
 
 from textclass.config import Config
@@ -55,7 +56,12 @@ class ClassifierTrainer(Trainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        return _list_lengths(super()._get_train_sampler(train_dataset))
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            # The Trainer passes `dataset["length"]`, which datasets >= 4 returns as a lazy `Column`; read
+            # through Arrow once per example and epoch it cost ~0.2 ms each (14 of 30 s in a fastText run).
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=list(sampler.lengths), generator=sampler.generator)
+        return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
         """Longest examples first: the least padding, and a fixed order that `evaluation_loop` can undo.
@@ -117,15 +123,25 @@ class ClassifierTrainer(Trainer):
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
 
-def _list_lengths(sampler: Any) -> Any:
-    """Give a length-grouped sampler its lengths as a list.
+class ShuffledLengthGroupedSampler(LengthGroupedSampler):
+    """Hugging Face's length grouping with each epoch's batches in random order.
 
-    The Trainer passes `dataset["length"]`, which datasets >= 4 returns as a lazy `Column`; the sampler then
-    reads it through Arrow once per example and epoch (~0.2 ms each: 14 of 30 s in a fastText run).
+    HF's sampler sorts mega-batches of 50 batches by length and emits their batches in that order, so training
+    sweeps from long to short texts 50 batches at a time. Where length predicts the label (negative reviews run
+    longer than positive ones) every sweep is also a sweep through the labels: on 2,000 chinese-reviews rows
+    (MiniLM, 2 epochs) HF's order reached 0.654 test accuracy against 0.670 for random batches. Shuffling the
+    finished batches keeps the padding savings and removes the sweeps. The longest batch stays first (an
+    out-of-memory error shows at once) and a short last batch stays last (the DataLoader cuts the flat index
+    list into consecutive batches, so it must sit at the end).
     """
-    if isinstance(sampler, LengthGroupedSampler) and not isinstance(sampler.lengths, list):
-        sampler.lengths = list(sampler.lengths)
-    return sampler
+
+    def __iter__(self) -> Iterator[int]:
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        last = [batches.pop()] if len(batches) > 1 and len(batches[-1]) < self.batch_size else []
+        middle = torch.randperm(len(batches) - 1, generator=self.generator).tolist() if batches else []
+        order = batches[:1] + [batches[1 + i] for i in middle] + last
+        return iter([i for batch in order for i in batch])
 
 
 def cache_dir() -> Path:
