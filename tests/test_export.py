@@ -237,3 +237,43 @@ def test_onnx_backend_of_an_encoder_never_imports_torch(encoder_run: Path) -> No
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     expected = api.Classifier.load(encoder_run, backend="torch").predict(["soup"])[0]["label"]
     assert out[0] == f"onnx {expected}" and out[1] == "False False", out
+
+
+def _bpe_tokenizer_files(tmp_path: Path, corpus: list[str]) -> list[Path]:
+    """Byte-level BPE (GPT-2/RoBERTa style) and SentencePiece-style BPE (Metaspace), trained on the fly."""
+    from tokenizers import ByteLevelBPETokenizer, SentencePieceBPETokenizer
+
+    paths = []
+    for name, tok in {"bytelevel": ByteLevelBPETokenizer(), "metaspace": SentencePieceBPETokenizer()}.items():
+        tok.train_from_iterator(corpus, vocab_size=300, min_frequency=1)
+        paths.append(tmp_path / f"{name}.json")
+        tok.save(str(paths[-1]))
+    return paths
+
+
+def test_prefix_encoding_gives_the_full_texts_ids(tiny_bert: Path, tmp_path: Path) -> None:
+    """The ONNX path tokenizes only a prefix of long texts; the ids must be exactly the whole text's."""
+    from conftest import make_texts
+
+    from textclass.inference.onnx_backend import PREFIX_CHARS_PER_TOKEN, RustEncoder
+
+    words = " ".join(make_texts(60, seed=3)["text"])
+    texts = [
+        words,  # long, ordinary spacing
+        words.replace(" ", "   "),  # runs of spaces at the cut
+        words.replace(" ", "\n"),  # newlines only: no space to cut at, encoded whole
+        "x" * 500 + " " + words,  # a giant first word
+        "https://example.com/" + "a" * 300 + " tail",  # the prefix cannot fill max_length: re-encoded whole
+        "中文评论很好" * 80,  # no spaces at all
+        "short text",
+        "",
+    ]
+    corpus = make_texts(200, seed=4)["text"].tolist() + texts
+    for file in [tiny_bert / "tokenizer.json", *_bpe_tokenizer_files(tmp_path, corpus)]:
+        for max_length in (8, 16):
+            enc = RustEncoder(file, max_length=max_length, pad_id=0, padding_side="right")
+            assert any(len(t) > PREFIX_CHARS_PER_TOKEN * max_length for t in texts)
+            got = enc.encode(texts, None)
+            for i, want in enumerate(enc.tok.encode_batch(texts)):
+                assert got["input_ids"][i] == want.ids, (file.name, max_length, i)
+                assert got["attention_mask"][i] == want.attention_mask
