@@ -176,7 +176,7 @@ def serve(
     max_chars: int = typer.Option(10_000, min=1, help="Characters per text."),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="Request body size in bytes."),
     threads: Optional[int] = typer.Option(
-        None, min=1, help="Intra-op threads of the model (default: cores - 1, leaving one for the HTTP event loop)."
+        None, min=1, help="Intra-op threads of the model (default: all usable cores)."
     ),
     graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     access_log: bool = typer.Option(False, help="Log every request."),
