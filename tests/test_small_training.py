@@ -173,3 +173,18 @@ def test_chinese_small_config_builds_the_documented_model() -> None:
     cfg = load_config(Path(__file__).parent.parent / "configs" / "chinese_small.yaml")
     assert isinstance(cfg.model, SmallModelConfig) and cfg.data.dataset == "chinese-reviews"
     assert cfg.model.tokenizer == "char" and cfg.model.arch == "fasttext"
+
+
+def test_unset_batch_size_and_rate_are_the_archs_and_saved(toy_files: dict, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from textclass.models.small.family import DEFAULT_BATCH_SIZES, DEFAULT_LEARNING_RATES
+
+    cfg = fasttext_config(toy_files, tmp_path / "run", epochs=1)
+    del cfg["training"]["batch_size"]
+    result = train(cfg)
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["training"]
+    assert saved["batch_size"] == DEFAULT_BATCH_SIZES["fasttext"] == 64
+    assert saved["learning_rate"] == DEFAULT_LEARNING_RATES["fasttext"]
+    n_train = len(pd.read_csv(toy_files["train"]))
+    assert result.metrics["train"]["global_step"] == -(-n_train // 64)  # one epoch of batches of 64
