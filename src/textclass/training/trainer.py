@@ -126,13 +126,14 @@ class ClassifierTrainer(Trainer):
 class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     """Hugging Face's length grouping with each epoch's batches in random order.
 
-    HF's sampler sorts mega-batches of 50 batches by length and emits their batches in that order, so training
-    sweeps from long to short texts 50 batches at a time. Where length predicts the label (negative reviews run
-    longer than positive ones) every sweep is also a sweep through the labels: on 2,000 chinese-reviews rows
-    (MiniLM, 2 epochs) HF's order reached 0.654 test accuracy against 0.670 for random batches. Shuffling the
-    finished batches keeps the padding savings and removes the sweeps. The longest batch stays first (an
-    out-of-memory error shows at once) and a short last batch stays last (the DataLoader cuts the flat index
-    list into consecutive batches, so it must sit at the end).
+    HF's sampler sorts mega-batches of 50 batches by length and emits their batches in that order, so
+    training sweeps from long to short texts 50 batches at a time. Where length predicts the label (in
+    chinese-reviews 64% of the longest quarter are positive, 42-43% of the rest) every sweep is also a
+    sweep through the labels: on 2,000 chinese-reviews rows (MiniLM, 2 epochs) HF's order reached 0.654
+    test accuracy, random batches 0.670, these shuffled groups 0.665. Shuffling the finished batches keeps
+    the padding savings and removes the sweeps. The longest batch stays first (an out-of-memory error
+    shows at once) and a short last batch stays last (the DataLoader cuts the flat index list into
+    consecutive batches, so it must sit at the end).
     """
 
     def __iter__(self) -> Iterator[int]:
