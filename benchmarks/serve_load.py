@@ -7,8 +7,8 @@ instead (`--naive predictor`): same model, no batching.
 
 Both servers run as subprocesses on 127.0.0.1 with the same model and texts; one load generator (raw
 HTTP/1.1 keep-alive connections on asyncio) keeps `--clients` requests in flight until `--requests` are
-answered (or `--max-seconds` pass), one text per request. Then schemathesis fuzzes our `/openapi.json` and the server's own Prometheus counters
-say how many 5xx it answered. Prints a table and writes JSON to benchmarks/results/.
+answered (or `--max-seconds` pass), one text per request. Then schemathesis fuzzes our `/openapi.json`
+and the server's own Prometheus counters say how many 5xx it answered. Prints a table and writes JSON to benchmarks/results/.
 
     python benchmarks/serve_load.py --model runs/demo_hf --requests 1500 --clients 32 \
         --serve "--backend torch" --serve "--backend torch --threads 1" --serve "--backend onnx"
@@ -118,8 +118,8 @@ class Connection:
         assert self.reader is not None
         lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-        length = {k.strip().lower(): v.strip() for k, v in headers.items()}.get("content-length")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        length = headers.get("content-length")
         if length is None:
             raise ConnectionError("response without Content-Length")
         return status, await self.reader.readexactly(int(length))

@@ -60,7 +60,8 @@ class ClassifierTrainer(Trainer):
         if isinstance(sampler, LengthGroupedSampler):
             # The Trainer passes `dataset["length"]`, which datasets >= 4 returns as a lazy `Column`; read
             # through Arrow once per example and epoch it cost ~0.2 ms each (14 of 30 s in a fastText run).
-            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=list(sampler.lengths), generator=sampler.generator)
+            lengths = list(sampler.lengths)
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=lengths, generator=sampler.generator)
         return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:

@@ -57,7 +57,8 @@ _BUILDERS: dict[str, _Builder] = {
 
 
 # Default `training.learning_rate` per arch (models trained from scratch), measured on chinese-reviews and
-# bbc-news with AdamW (row-wise AdaGrad for fastText's table) and the default linear schedule; see benchmarks/small_vs_fasttext.py.
+# bbc-news with AdamW (row-wise AdaGrad for fastText's table) and the default linear schedule; see
+# benchmarks/small_vs_fasttext.py.
 DEFAULT_LEARNING_RATES = {"fasttext": 1e-2, "textcnn": 1e-3, "textrnn": 1e-3, "textrcnn": 1e-3, "transformer": 5e-4}
 # Default `training.batch_size` per arch. fastText's step is a few sparse row updates, so at batch 16 the
 # Trainer's fixed per-step cost was most of its training time. Batch 64, 5 epochs, 1 thread: chinese-reviews
