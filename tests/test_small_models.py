@@ -128,6 +128,31 @@ def test_default_buckets_work() -> None:
     assert model(**batch(tok, cfg, ["a long text with words never seen", ""])).shape == (2, 3)
 
 
+
+def test_fasttext_table_is_stored_as_its_nonzero_rows(tmp_path: Path) -> None:
+    """Buckets start at zero, so the saved table holds only rows with data, and loads back bit for bit."""
+    tok, cfg, model = built("fasttext", embedding_dim=4, buckets=50_000)
+    weight = model.embedding.weight
+    vocab = len(tok.vocab)
+    assert bool(weight[:vocab].ne(0).all()) and not bool(weight[vocab:].ne(0).any())  # words random, buckets 0
+    with torch.no_grad():
+        weight[vocab + 7] = torch.tensor([1.0, -2.0, 0.0, 3.0])
+        weight[vocab + 49_999] = torch.tensor([0.0, -0.0, 0.0, 0.0])  # negative zero is data too
+        weight[3] = 0.0  # a zeroed word row must come back as zero
+    state = model.state_dict()
+    assert "embedding.weight" not in state
+    assert state["embedding.row_ids"].tolist() == [i for i in range(vocab) if i != 3] + [vocab + 7, vocab + 49_999]
+    FAMILY.save(model, tok, cfg, tmp_path)
+    assert (tmp_path / "model.safetensors").stat().st_size < 10_000  # the dense table alone is 800 kB
+    loaded, _ = FAMILY.load(cfg, tmp_path, 3, {})
+    got = loaded.embedding.weight.detach()
+    assert torch.equal(got.view(torch.int32), weight.detach().view(torch.int32))  # bit-exact, -0.0 included
+    other = FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), 3, tok, {})
+    other.load_state_dict(model.state_dict())  # also into a model that already holds other values
+    assert torch.equal(other.embedding.weight, weight)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a table too small for the stored rows
+        FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=10), 3, tok, {}).load_state_dict(state)
+
 RNN_VARIANTS = [
     ("textrnn", {"rnn_type": "gru", "rnn_pooling": "attention"}),
     ("textrnn", {"rnn_pooling": "mean"}),
