@@ -15,7 +15,7 @@ from textclass import Classifier, train
 from textclass.config import EncoderModelConfig, SmallModelConfig, build_config
 from textclass.models.registry import get_family
 from textclass.models.small.fasttext import FastText
-from textclass.training.optim import RowWiseAdagrad, clip_grad_norm_
+from textclass.training.optim import RowWiseAdagrad, clip_grad_norm_, coalesced
 
 ARCHS = ["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"]
 
@@ -32,7 +32,8 @@ def fasttext_config(files: dict[str, Path], out: Path, **training: Any) -> dict:
 @pytest.mark.parametrize("max_norm", [0.05, float("inf")])
 def test_sparse_clipping_equals_torch_on_dense_gradients(max_norm: float) -> None:
     """Same global norm and same clipped gradients as torch's clip_grad_norm_ on the dense twin."""
-    ids, offsets = torch.tensor([1, 2, 2, 3, 50, 50, 7, 1]), torch.tensor([0, 3, 6])
+    # Rows repeated inside a text and across texts, and an empty text (offsets 6, 6).
+    ids, offsets = torch.tensor([1, 2, 2, 3, 50, 50, 7, 1]), torch.tensor([0, 3, 6, 6])
     grads, norms = [], []
     for sparse in (True, False):
         torch.manual_seed(0)
@@ -45,6 +46,26 @@ def test_sparse_clipping_equals_torch_on_dense_gradients(max_norm: float) -> Non
     assert norms[0] == pytest.approx(norms[1], rel=1e-5) and norms[0] > 0.05
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fasttext_gradient_is_coalesced_and_accumulates() -> None:
+    """Our backward's sorted unique rows skip coalescing; two accumulated batches are summed correctly."""
+    torch.manual_seed(0)
+    model = FastText(10, 3, 4, 100, sparse=True)
+    torch.nn.init.normal_(model.fc.weight)
+    batches = [(torch.tensor([5, 1, 5, 60]), torch.tensor([0, 2])), (torch.tensor([60, 3]), torch.tensor([0, 1]))]
+    model(*batches[0]).sum().backward()
+    once = coalesced(model.embedding.weight.grad)
+    assert once.is_coalesced() and once._indices()[0].tolist() == [1, 5, 60]
+    assert once._values().data_ptr() == model.embedding.weight.grad._values().data_ptr()  # no copy made
+    model(*batches[1]).sum().backward()  # accumulation concatenates: 60 twice, unsorted
+    both = coalesced(model.embedding.weight.grad)
+    dense = torch.nn.EmbeddingBag(110, 4, mode="mean")
+    dense.weight.data.copy_(model.embedding.weight.detach())
+    for ids, offsets in batches:
+        model.fc(dense(ids, offsets)).sum().backward()
+    assert both._indices()[0].tolist() == [1, 3, 5, 60]
+    torch.testing.assert_close(both.to_dense(), dense.weight.grad)
 
 
 def test_row_wise_adagrad_updates_used_rows_by_formula_and_resumes_exactly() -> None:
@@ -112,6 +133,12 @@ def test_resume_with_combined_optimizer_matches_uninterrupted(
 
     class CrashOnSave(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            from safetensors import safe_open
+
+            (weights,) = Path(args.output_dir).glob("checkpoint-*/model.safetensors")
+            with safe_open(str(weights), "pt") as f:  # the table's sparse form, read back by the resume
+                assert {"embedding.row_ids", "embedding.row_values"} <= set(f.keys())
+                assert "embedding.weight" not in f.keys()
             raise KeyboardInterrupt("simulated crash")
 
     original = run_mod.build_trainer

@@ -55,6 +55,14 @@ class ClassifierTrainer(Trainer):
         loss = self.loss_fn.to(logits.device)(logits.float(), labels)
         return (loss, {"logits": logits}) if return_outputs else loss
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Models that store a sparse form of a large table (fastText) write checkpoints in that form;
+        # their `load_state_dict` reads it back, so best-model loading and --resume are unchanged.
+        model = self.accelerator.unwrap_model(self.model)
+        if state_dict is None and hasattr(model, "compact_state_dict"):
+            state_dict = model.compact_state_dict()
+        super()._save(output_dir, state_dict=state_dict)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
