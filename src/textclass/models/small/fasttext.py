@@ -19,7 +19,8 @@ when neither word nor character n-grams are used.
 `nn.EmbeddingBag(mode="mean")` reads a flat id tensor plus per-text offsets, so there is no padding at all.
 The model returns logits: single-label training applies softmax cross-entropy and multi-label one-vs-all
 sigmoid BCE, both in the shared loss factory. Memory: (V + buckets) x dim float32 values, e.g. 2,050,003 x
-128 x 4 B = 1.05 GB at the defaults (plus the same again for gradients and twice for Adam's moments).
+128 x 4 B = 1.05 GB at the defaults; in training the gradient holds only the batch's rows and row-wise
+AdaGrad one float per row (training/optim.py). Files hold only the nonzero rows (`compact_state_dict`).
 """
 
 from __future__ import annotations
