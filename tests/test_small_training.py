@@ -215,3 +215,22 @@ def test_unset_batch_size_and_rate_are_the_archs_and_saved(toy_files: dict, tmp_
     assert saved["learning_rate"] == DEFAULT_LEARNING_RATES["fasttext"]
     n_train = len(pd.read_csv(toy_files["train"]))
     assert result.metrics["train"]["global_step"] == -(-n_train // 64)  # one epoch of batches of 64
+
+
+@pytest.mark.parametrize("labels", [[0, 2, 1], [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]])
+def test_packed_rows_equal_the_datasets_rows(labels: list) -> None:
+    """The training DataLoader's numpy view gives the same rows as `datasets`, also after a select()."""
+    import datasets
+
+    from textclass.training.trainer import PackedRows
+
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": [[5, 6, 7], [], [9]], "attention_mask": [[1, 1, 1], [], [1]], "length": [3, 0, 1], "labels": labels}
+    )
+    for view in (ds, ds.select([2, 0, 1])):
+        packed = PackedRows(view)
+        assert len(packed) == len(view)
+        got = packed.__getitems__(list(range(len(view))))
+        for row, want in zip(got, view):
+            assert {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in row.items()} == want
+            assert isinstance(row["input_ids"], np.ndarray)

@@ -100,7 +100,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 scale = acc.sqrt_().add_(group["eps"]).reciprocal_().unsqueeze(1).to(g.dtype)
                 # Rows are unique after coalesce, so gather-add-scatter equals index_add_, which was slower on
                 # a 2M-row table (2.0 vs 1.3 ms for 3,800 random rows of 100 floats, one thread).
-                p.index_copy_(0, rows, p.index_select(0, rows).add_(g * scale, alpha=-group["lr"]))
+                p.index_copy_(0, rows, p.index_select(0, rows).addcmul_(g, scale, value=-group["lr"]))
         return loss
 
 

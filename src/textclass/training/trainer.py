@@ -154,6 +154,42 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
         return iter([i for batch in order for i in batch])
 
 
+class PackedRows(torch.utils.data.Dataset):
+    """A tokenized split read from its Arrow columns as numpy arrays, for the training DataLoader.
+
+    `datasets.Dataset.__getitems__` turns each batch's Arrow rows into Python lists and the collator turns
+    them back into arrays: 1.4 ms of a ~8 ms fastText step on chinese-reviews. Here a row's list columns
+    are slices of the columns' flat values (zero-copy views of the memory-mapped cache file where Arrow
+    allows), scalars come from numpy arrays, and `labels` (ints or multi-hot lists) from one Python list.
+    """
+
+    def __init__(self, ds: Any) -> None:
+        import pyarrow as pa
+
+        table = ds.flatten_indices().data.table if getattr(ds, "_indices", None) is not None else ds.data.table
+        self.n = table.num_rows
+        self.lists: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.scalars: dict[str, Any] = {}
+        for name in table.column_names:
+            column = table.column(name).combine_chunks()
+            if name == "labels":
+                self.scalars[name] = column.to_pylist()
+            elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                self.lists[name] = (column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
+            else:
+                self.scalars[name] = column.to_numpy(zero_copy_only=False)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in self.lists.items()}
+        return row | {name: column[i] for name, column in self.scalars.items()}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TEXTCLASS_CACHE", Path.home() / ".cache" / "textclass"))
 
@@ -320,7 +356,7 @@ def build_trainer(
     return ClassifierTrainer(
         model=model,
         args=training_arguments(cfg, output_dir, valid_ds is not None),
-        train_dataset=train_ds,
+        train_dataset=PackedRows(train_ds),
         eval_dataset=valid_ds,
         data_collator=make_collator(family, tokenizer, cfg, labels.multi_label),
         compute_metrics=metrics_fn(labels, cfg.evaluation.threshold),

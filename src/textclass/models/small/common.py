@@ -6,8 +6,10 @@ place: padded positions are -inf before a max, weight 0 in a mean, and -inf befo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,18 +18,19 @@ from textclass.text.vocab import PAD_ID
 PoolMethod = Literal["max", "mean", "attention"]
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists into (input_ids, attention_mask), both (batch, longest) int64 tensors.
 
     Width is at least 1, so even a batch of empty lists gives tensors the models can read.
     """
     width = max([len(s) for s in seqs] + [1])
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    # Filled in numpy: rows may be read-only numpy views of the training data (trainer.PackedRows).
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
     for row, seq in enumerate(seqs):
-        if seq:
-            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     return ids, mask
 
 

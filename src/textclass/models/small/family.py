@@ -102,7 +102,7 @@ def init_from_vectors(model: nn.Module, tokenizer: TextTokenizer, cfg: SmallMode
 
 
 def _pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    input_ids, attention_mask = pad_batch([list(f["input_ids"]) for f in features])
+    input_ids, attention_mask = pad_batch([f["input_ids"] for f in features])
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
