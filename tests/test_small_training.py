@@ -229,7 +229,7 @@ def test_packed_rows_equal_the_datasets_rows(labels: list) -> None:
     )
     for view in (ds, ds.select([2, 0, 1])):
         packed = PackedRows(view)
-        assert len(packed) == len(view)
+        assert len(packed) == len(view) and packed.lengths == list(view["length"])
         got = packed.__getitems__(list(range(len(view))))
         for row, want in zip(got, view):
             assert {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in row.items()} == want

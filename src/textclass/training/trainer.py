@@ -64,10 +64,16 @@ class ClassifierTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, PackedRows):
+            # Lengths from the packed `length` column: for a dataset that is not a `datasets.Dataset` the
+            # Trainer's sampler would build every row to measure its `input_ids`.
+            batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return ShuffledLengthGroupedSampler(batch_size, lengths=dataset.lengths)
         sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            # The Trainer passes `dataset["length"]`, which datasets >= 4 returns as a lazy `Column`; read
-            # through Arrow once per example and epoch it cost ~0.2 ms each (14 of 30 s in a fastText run).
+        if isinstance(sampler, LengthGroupedSampler):  # any other dataset: the same shuffled grouping
+            # `list()`: datasets >= 4 returns `dataset["length"]` as a lazy `Column`, read through Arrow once
+            # per example and epoch it cost ~0.2 ms each (14 of 30 s in a fastText run).
             lengths = list(sampler.lengths)
             return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=lengths, generator=sampler.generator)
         return sampler
@@ -161,6 +167,7 @@ class PackedRows(torch.utils.data.Dataset):
     them back into arrays: 1.4 ms of a ~8 ms fastText step on chinese-reviews. Here a row's list columns
     are slices of the columns' flat values (zero-copy views of the memory-mapped cache file where Arrow
     allows), scalars come from numpy arrays, and `labels` (ints or multi-hot lists) from one Python list.
+    `lengths` (the `length` column tokenize() writes) is what the length-grouped sampler reads.
     """
 
     def __init__(self, ds: Any) -> None:
@@ -178,6 +185,7 @@ class PackedRows(torch.utils.data.Dataset):
                 self.lists[name] = (column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
             else:
                 self.scalars[name] = column.to_numpy(zero_copy_only=False)
+        self.lengths: list[int] = self.scalars["length"].tolist() if "length" in self.scalars else []
 
     def __len__(self) -> int:
         return self.n
