@@ -105,6 +105,8 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
+            "head_lr_scale": args.head_lr_scale,
+            "precision": args.precision,
             "warmup_ratio": 0.1,
             "logging_steps": 50,
             "seed": args.seed,
@@ -139,6 +141,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--pooling", default="mean", choices=["cls", "mean"], help="textclass pooling (MiniLM was trained with mean).")
+    p.add_argument("--head-lr-scale", type=float, default=1.0, help="textclass: the new head's lr multiple.")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="textclass precision.")
     p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (for quick runs).")
     p.add_argument("--variants", default="plain,textclass")
     p.add_argument("--seeds", default="42", help="Comma-separated training seeds; each variant runs once per seed.")
@@ -160,7 +164,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--variant", variant, "--files", json.dumps(files),
                    "--epochs", str(args.epochs), "--max-length", str(args.max_length),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pooling", args.pooling,
-                   "--seed", str(seed)]
+                   "--head-lr-scale", str(args.head_lr_scale), "--precision", args.precision, "--seed", str(seed)]
             print(f"running {variant} seed {seed} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -171,7 +175,7 @@ def main() -> None:
             rows.setdefault(variant, []).append({**json.loads(line[7:]), "process_wall_s": wall, "seed": seed})
 
     settings = (f"{args.dataset}, MiniLM-L6, max_length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, "
-                f"lr {args.lr:g}, textclass pooling {args.pooling}")
+                f"lr {args.lr:g}, textclass pooling {args.pooling}, head lr x{args.head_lr_scale:g}, precision {args.precision}")
     if args.train_limit:
         settings += f", train limited to {args.train_limit} rows"
     print(f"\n{settings}, torch threads {__import__('torch').get_num_threads()}")

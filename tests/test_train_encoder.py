@@ -271,3 +271,36 @@ def test_length_grouped_batches_come_in_random_order() -> None:
     assert 0.3 < falls / (len(maxima) - 1) < 0.7  # no long->short sweeps: HF's own order falls 93% of the time
     again = list(ShuffledLengthGroupedSampler(16, lengths=lengths, generator=torch.Generator().manual_seed(1)))
     assert again == indices  # seeded: --resume replays the same batches
+
+
+@pytest.mark.parametrize("head", ["linear", "hf"])
+def test_head_lr_scale_gives_the_new_head_its_own_rate(tiny_bert: Path, tmp_path: Path, head: str) -> None:
+    from torch import nn
+    from transformers import TrainingArguments
+
+    from textclass.config import EncoderModelConfig
+    from textclass.models.encoder import EncoderFamily
+    from textclass.training.trainer import ClassifierTrainer
+
+    family = EncoderFamily()
+    mcfg = EncoderModelConfig(family="encoder", name=str(tiny_bert), head=head)
+    tok = family.build_tokenizer(mcfg, [])
+    model = family.build_model(mcfg, 3, tok, {0: "a", 1: "b", 2: "c"})
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, warmup_steps=0, use_cpu=True, report_to="none")
+    trainer = ClassifierTrainer(model=model, args=args, loss_fn=nn.CrossEntropyLoss(), head_lr_scale=10.0)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    head_ids = {id(p) for n, p in model.named_parameters() if "classifier" in n}
+    assert head_ids and len(head_ids) == 2  # weight and bias of the one linear layer
+    seen = set()
+    for group in trainer.optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= head_ids or not ids & head_ids  # no group mixes head and body
+        want = 1e-2 if ids <= head_ids else 1e-3
+        assert group["lr"] == pytest.approx(want)
+        seen |= ids
+    assert seen == {id(p) for p in model.parameters()}  # every weight is trained, once
+    for _ in range(5):  # the linear schedule scales both rates alike
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    rates = {ids <= head_ids: g["lr"] for g in trainer.optimizer.param_groups if (ids := {id(p) for p in g["params"]})}
+    assert rates[True] == pytest.approx(10 * rates[False]) and rates[False] == pytest.approx(5e-4)

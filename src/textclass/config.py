@@ -117,6 +117,12 @@ class TrainingConfig(_Section):
         None, gt=0, description="Unset: the family's default (encoder 5e-5; small models by arch, see the README)."
     )
     weight_decay: float = Field(0.01, ge=0)
+    head_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="Learning rate of a pretrained model's new classification head, as a multiple of "
+        "`learning_rate` (the encoder keeps `learning_rate`). Ignored by small models, which are all new.",
+    )
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)

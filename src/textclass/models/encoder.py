@@ -87,6 +87,10 @@ class EncoderClassifier(nn.Module):
         vec = pool(out.last_hidden_state, attention_mask, input_ids, self.pooling, self.cls_id)
         return self.classifier(self.dropout(vec))
 
+    def head_parameter_names(self) -> list[str]:
+        """The linear layer on top: the only weights not loaded from the checkpoint."""
+        return [n for n, _ in self.named_parameters() if n.startswith("classifier.")]
+
 
 class HFHeadClassifier(nn.Module):
     """AutoModelForSequenceClassification returning the logits tensor (loss is ours)."""
@@ -97,6 +101,11 @@ class HFHeadClassifier(nn.Module):
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         return self.model(**batch).logits
+
+    def head_parameter_names(self) -> list[str]:
+        """Everything outside the base model (`bert.`, `roberta.`, ...): the head the checkpoint lacks."""
+        prefix = f"model.{self.model.base_model_prefix}."
+        return [n for n, _ in self.named_parameters() if not n.startswith(prefix)]
 
 
 @register("encoder")

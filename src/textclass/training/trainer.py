@@ -37,9 +37,10 @@ LOWER_IS_BETTER = {"loss", "hamming_loss"}
 class ClassifierTrainer(Trainer):
     """Trainer whose loss is textclass's loss factory applied to the model's logits."""
 
-    def __init__(self, *args: Any, loss_fn: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_fn: nn.Module, head_lr_scale: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
+        self.head_lr_scale = head_lr_scale
         # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         # Validation logits per global step, in dataset order: the run's final valid report reuses the best
@@ -110,9 +111,13 @@ class ClassifierTrainer(Trainer):
         """The Trainer's AdamW, plus `RowWiseAdagrad` for sparse embeddings (fastText's hashed table).
 
         AdamW cannot take sparse gradients, and a dense step over fastText's ~1 GB table costs seconds.
-        Models without sparse embeddings get the stock optimizer.
+        A pretrained model's new head gets `head_lr_scale` times the learning rate. Other models get the
+        stock optimizer.
         """
         opt_model = self.model if model is None else model
+        head = head_parameter_names(opt_model) if self.head_lr_scale != 1.0 else set()
+        if self.optimizer is None and head:
+            self.optimizer = self._adamw_with_head_groups(opt_model, head)
         if self.optimizer is None:
             self.optimizer = adamw_with_sparse_rows(
                 opt_model,
@@ -123,6 +128,23 @@ class ClassifierTrainer(Trainer):
                 eps=self.args.adam_epsilon,
             )
         return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
+
+    def _adamw_with_head_groups(self, model: nn.Module, head: set[str]) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings, its decay/no-decay groups each split into body and head.
+
+        The scheduler scales every group's own initial lr, so the head keeps its multiple all along.
+        """
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = []
+        for in_head in (False, True):
+            for decayed in (True, False):
+                params = [p for n, p in named if (n in head) == in_head and (n in decay) == decayed]
+                if params:
+                    lr = self.args.learning_rate * (self.head_lr_scale if in_head else 1.0)
+                    groups.append({"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0, "lr": lr})
+        opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        return opt_cls(groups, **opt_kwargs)
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
         # torch's clip_grad_norm_ rejects sparse gradients; clip the same global norm with our own helper.
@@ -136,6 +158,16 @@ class ClassifierTrainer(Trainer):
         if grad_norm is None and sparse_parameters(model):  # max_grad_norm=0: norm for the log only
             grad_norm = clip_grad_norm_(model.parameters(), math.inf)
         return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters a pretrained model did not bring: its classification head.
+
+    Models say so with `head_parameter_names()`; models without it (small ones, trained from scratch) have
+    no pretrained body to tell apart, and get the empty set.
+    """
+    fn = getattr(model, "head_parameter_names", None)
+    return set(fn()) if callable(fn) else set()
 
 
 class ShuffledLengthGroupedSampler(LengthGroupedSampler):
@@ -370,4 +402,5 @@ def build_trainer(
         compute_metrics=metrics_fn(labels, cfg.evaluation.threshold),
         callbacks=callbacks,
         loss_fn=loss_fn,
+        head_lr_scale=cfg.training.head_lr_scale,
     )
