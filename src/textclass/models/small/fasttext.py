@@ -230,7 +230,7 @@ class _SparseBagMean(torch.autograd.Function):
         ids, offsets = ctx.saved_tensors
         sizes = torch.diff(offsets, append=offsets.new_tensor([len(ids)]))
         bag = torch.repeat_interleave(torch.arange(len(offsets), device=ids.device), sizes)
-        order = torch.argsort(ids, stable=True)
+        order = _argsort(ids)
         rows, counts = torch.unique_consecutive(ids[order], return_counts=True)
         share = (1.0 / sizes.clamp(min=1).to(grad_out.dtype))[bag][order]  # d mean / d row = 1 / bag size
         starts = torch.cumsum(counts, 0) - counts
@@ -239,6 +239,18 @@ class _SparseBagMean(torch.autograd.Function):
             rows.unsqueeze(0), grad.to(ctx.table_dtype), ctx.table_shape, is_coalesced=True, check_invariants=False
         )
         return sparse, None, None
+
+
+def _argsort(ids: torch.Tensor) -> torch.Tensor:
+    """Order that sorts the feature ids; numpy's on CPU.
+
+    numpy's argsort (AVX-512 sorting networks) took 0.06 ms for a chinese-reviews batch's ~7,700 ids where
+    torch's took 0.26-0.30 ms: 0.25 s of a 4 s fastText training run. The order among equal ids does not
+    matter (their gradients are summed) and either sort is deterministic.
+    """
+    if ids.device.type == "cpu":
+        return torch.from_numpy(np.argsort(ids.numpy()))
+    return torch.argsort(ids)
 
 
 def _expand_state(module: FastText, state: dict[str, Any], prefix: str, *args: Any) -> None:
