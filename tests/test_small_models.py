@@ -140,7 +140,7 @@ def test_fasttext_table_is_stored_as_its_nonzero_rows(tmp_path: Path) -> None:
         weight[vocab + 49_999] = torch.tensor([0.0, -0.0, 0.0, 0.0])  # negative zero is data too
         weight[3] = 0.0  # a zeroed word row must come back as zero
     assert "embedding.weight" in model.state_dict()  # the usual dense form for tracing and engines
-    state = model.compact_state_dict()
+    state = model.compact_state_dict(scan=True)  # edits outside training are found by scanning the table
     assert "embedding.weight" not in state
     assert state["embedding.row_ids"].tolist() == [i for i in range(vocab) if i != 3] + [vocab + 7, vocab + 49_999]
     FAMILY.save(model, tok, cfg, tmp_path)
@@ -153,6 +153,34 @@ def test_fasttext_table_is_stored_as_its_nonzero_rows(tmp_path: Path) -> None:
     assert torch.equal(other.embedding.weight, weight)
     with pytest.raises(RuntimeError, match="size mismatch"):  # a table too small for the stored rows
         FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=10), 3, tok, {}).load_state_dict(state)
+
+
+
+def test_fasttext_tracked_rows_cover_every_row_training_changed() -> None:
+    """Checkpoints take the rows from the rows training fed instead of a scan: they must miss none."""
+    from textclass.training.optim import RowWiseAdagrad
+
+    tok, cfg, model = built("fasttext", embedding_dim=4, buckets=50_000)
+    model.train()
+    opt = RowWiseAdagrad([model.embedding.weight], lr=0.5)
+    for texts in (["good film", "bad plot twist"], ["a good twist", "dull"]):
+        b = batch(tok, cfg, texts)
+        model(**b).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    scanned = model.compact_state_dict(scan=True)["embedding.row_ids"]
+    state = model.compact_state_dict()
+    tracked = state["embedding.row_ids"]
+    assert len(scanned) > len(tok.vocab)  # training wrote hashed n-gram rows
+    assert set(scanned.tolist()) <= set(tracked.tolist())
+    other = FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), 3, tok, {})
+    other.load_state_dict(state)
+    assert torch.equal(other.embedding.weight, model.embedding.weight)
+    assert torch.equal(other.touched_rows.nonzero().squeeze(1), tracked)  # a compact load knows its rows
+    dense = FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), 3, tok, {})
+    dense.load_state_dict(model.state_dict())  # a dense table: rows unknown, so saving scans
+    assert torch.equal(dense.compact_state_dict()["embedding.row_ids"], scanned)
+
 
 RNN_VARIANTS = [
     ("textrnn", {"rnn_type": "gru", "rnn_pooling": "attention"}),

@@ -153,7 +153,8 @@ class SmallFamily(Family):
     def save(self, model: nn.Module, tokenizer: TextTokenizer, cfg: SmallModelConfig, run_dir: Path) -> None:
         run_dir = Path(run_dir)
         tokenizer.save(run_dir / TOKENIZER_FILE)
-        state = getattr(model, "compact_state_dict", model.state_dict)()  # fastText: its sparse table form
+        compact = getattr(model, "compact_state_dict", None)  # fastText: its sparse table form, rows from a full scan
+        state = compact(scan=True) if compact is not None else model.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt", "arch": cfg.arch})
 

@@ -191,19 +191,39 @@ class FastText(nn.Module):
         self.fc = nn.Linear(dim, num_labels)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
+        # Rows that may be nonzero: the word rows, then every row a sparse training step has fed (only those
+        # get gradients). Lets a checkpoint skip scanning the whole table for nonzero rows (0.06 s at 820 MB,
+        # once per checkpoint). None when unknown (a dense load, a dense-gradient step): then we scan.
+        touched = torch.zeros(vocab_size + buckets, dtype=torch.bool)
+        touched[:vocab_size] = True
+        self.register_buffer("touched_rows", touched, persistent=False)
         self.register_load_state_dict_pre_hook(_expand_state)
 
-    def compact_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict to write to files: the table as (ids, values) of its nonzero rows."""
+    def compact_state_dict(self, scan: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict to write to files: the table as (ids, values) of its nonzero rows.
+
+        Rows come from `touched_rows` when it is known (Trainer checkpoints), else, or with `scan=True` (the
+        run directory, which outlives anything a user did to the weights outside training), from a scan of
+        the table. Either way no nonzero row is left out; tracked rows may include a few that are zero.
+        """
         state = self.state_dict()
         weight = state.pop("embedding.weight")
-        rows = nonzero_rows(weight).to(weight.device)
+        tracked = getattr(self, "touched_rows", None)
+        if scan or tracked is None or tracked.numel() != weight.shape[0]:
+            rows = nonzero_rows(weight).to(weight.device)
+        else:
+            rows = tracked.nonzero().squeeze(1)
         return {**state, self.ROWS: rows, self.VALUES: weight.index_select(0, rows)}
 
     def forward(self, input_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         table = self.embedding
-        if self.training and table.sparse and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            return self.fc(_SparseBagMean.apply(table.weight, input_ids, offsets))
+        if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            if not table.sparse:  # a dense optimizer may move any row (weight decay): stop tracking
+                self.touched_rows = torch.empty(0, dtype=torch.bool, device=table.weight.device)
+            else:
+                if self.touched_rows.numel():
+                    self.touched_rows[input_ids] = True
+                return self.fc(_SparseBagMean.apply(table.weight, input_ids, offsets))
         return self.fc(table(input_ids, offsets))
 
 
@@ -261,6 +281,8 @@ def _expand_state(module: FastText, state: dict[str, Any], prefix: str, *args: A
     """
     rows, values = state.pop(prefix + FastText.ROWS, None), state.pop(prefix + FastText.VALUES, None)
     if rows is None or values is None:
+        if prefix + "embedding.weight" in state:  # a dense table: any row may be nonzero, so scan when saving
+            module.touched_rows = torch.empty(0, dtype=torch.bool, device=module.embedding.weight.device)
         return
     target = module.embedding.weight
     fits = values.dim() == 2 and values.shape[1] == target.shape[1] and len(rows) == len(values)
@@ -271,4 +293,7 @@ def _expand_state(module: FastText, state: dict[str, Any], prefix: str, *args: A
     with torch.no_grad():
         target.zero_()
         target.index_copy_(0, rows.to(target.device), values.to(target.device, target.dtype))
+        touched = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
+        touched[rows.to(target.device)] = True
+        module.touched_rows = touched
     state[prefix + "embedding.weight"] = target
