@@ -202,14 +202,18 @@ class FastText(nn.Module):
     def compact_state_dict(self, scan: bool = False) -> dict[str, torch.Tensor]:
         """The state dict to write to files: the table as (ids, values) of its nonzero rows.
 
-        Rows come from `touched_rows` when it is known (Trainer checkpoints), else, or with `scan=True` (the
-        run directory, which outlives anything a user did to the weights outside training), from a scan of
-        the table. Either way no nonzero row is left out; tracked rows may include a few that are zero.
+        Rows come from `touched_rows` when it is known (single-process Trainer checkpoints), else, or with
+        `scan=True` (the run directory, which outlives anything a user did to the weights outside training),
+        from a scan of the table. Either way no nonzero row is left out; tracked rows may include a few zero
+        ones.
         """
         state = self.state_dict()
         weight = state.pop("embedding.weight")
         tracked = getattr(self, "touched_rows", None)
-        if scan or tracked is None or tracked.numel() != weight.shape[0]:
+        # Under several processes each mask holds only its own batches' rows (and DDP overwrites buffers
+        # with rank 0's), while every rank applies all ranks' gradients: scan there.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if scan or distributed or tracked is None or tracked.numel() != weight.shape[0]:
             rows = nonzero_rows(weight).to(weight.device)
         else:
             rows = tracked.nonzero().squeeze(1)
