@@ -99,7 +99,7 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
 
     cfg = {
         "data": files,
-        "model": {"name": MODEL, "max_length": args.max_length, "pooling": args.pooling},
+        "model": {"name": MODEL, "max_length": args.max_length, "pooling": args.pooling, "head": args.head},
         "training": {
             "output_dir": tempfile.mkdtemp() + "/run",
             "epochs": args.epochs,
@@ -141,6 +141,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--pooling", default="mean", choices=["cls", "mean"], help="textclass pooling (MiniLM was trained with mean).")
+    p.add_argument("--head", default="linear", choices=["linear", "hf"], help="textclass head (hf: the plain script's).")
     p.add_argument("--head-lr-scale", type=float, default=1.0, help="textclass: the new head's lr multiple.")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="textclass precision.")
     p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (for quick runs).")
@@ -163,7 +164,7 @@ def main() -> None:
         for seed in seeds:
             cmd = [sys.executable, __file__, "--variant", variant, "--files", json.dumps(files),
                    "--epochs", str(args.epochs), "--max-length", str(args.max_length),
-                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pooling", args.pooling,
+                   "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pooling", args.pooling, "--head", args.head,
                    "--head-lr-scale", str(args.head_lr_scale), "--precision", args.precision, "--seed", str(seed)]
             print(f"running {variant} seed {seed} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
@@ -175,7 +176,7 @@ def main() -> None:
             rows.setdefault(variant, []).append({**json.loads(line[7:]), "process_wall_s": wall, "seed": seed})
 
     settings = (f"{args.dataset}, MiniLM-L6, max_length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, "
-                f"lr {args.lr:g}, textclass pooling {args.pooling}, head lr x{args.head_lr_scale:g}, precision {args.precision}")
+                f"lr {args.lr:g}, textclass pooling {args.pooling}, head {args.head}, head lr x{args.head_lr_scale:g}, precision {args.precision}")
     if args.train_limit:
         settings += f", train limited to {args.train_limit} rows"
     print(f"\n{settings}, torch threads {__import__('torch').get_num_threads()}")
