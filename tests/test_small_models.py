@@ -155,7 +155,6 @@ def test_fasttext_table_is_stored_as_its_nonzero_rows(tmp_path: Path) -> None:
         FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=10), 3, tok, {}).load_state_dict(state)
 
 
-
 def test_fasttext_tracked_rows_cover_every_row_training_changed() -> None:
     """Checkpoints take the rows from the rows training fed instead of a scan: they must miss none."""
     from textclass.training.optim import RowWiseAdagrad

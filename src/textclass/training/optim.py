@@ -146,6 +146,25 @@ class CombinedOptimizer(torch.optim.Optimizer):
             o.load_state_dict(s)
 
 
+def param_groups(
+    named: list[tuple[str, nn.Parameter]],
+    decay_names: set[str],
+    weight_decay: float,
+    lr: float,
+    head: set[str] = frozenset(),  # type: ignore[assignment]
+    head_lr_scale: float = 1.0,
+) -> list[dict[str, Any]]:
+    """The Trainer's decay / no-decay groups, each split into body and head (`head`: the new head's weight
+    names, at `head_lr_scale` times `lr`); empty groups left out. The scheduler scales every group's own lr."""
+    groups = []
+    for in_head, scale in ((False, 1.0), (True, head_lr_scale)):
+        for decayed in (True, False):
+            params = [p for n, p in named if (n in head) == in_head and (n in decay_names) == decayed]
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale})
+    return groups
+
+
 def adamw_with_sparse_rows(
     model: nn.Module,
     decay_names: set[str],
@@ -165,12 +184,9 @@ def adamw_with_sparse_rows(
         return None
     skip = {id(p) for p in sparse}
     dense = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
-    groups = [
-        {"params": [p for n, p in dense if n in decay_names], "weight_decay": weight_decay},
-        {"params": [p for n, p in dense if n not in decay_names], "weight_decay": 0.0},
-    ]
+    groups = param_groups(dense, decay_names, weight_decay, lr)
     optimizers: list[torch.optim.Optimizer] = []
-    if any(g["params"] for g in groups):
-        optimizers.append(torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps))
+    if groups:
+        optimizers.append(torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps))
     optimizers.append(RowWiseAdagrad(sparse, lr=lr, eps=eps))
     return CombinedOptimizer(optimizers)

@@ -29,7 +29,7 @@ from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.inference.predictor import make_collator, probabilities
 from textclass.models.registry import Family
-from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, sparse_parameters
+from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, param_groups, sparse_parameters
 
 LOWER_IS_BETTER = {"loss", "hamming_loss"}
 
@@ -130,19 +130,10 @@ class ClassifierTrainer(Trainer):
         return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
 
     def _adamw_with_head_groups(self, model: nn.Module, head: set[str]) -> torch.optim.Optimizer:
-        """The Trainer's optimizer class and settings, its decay/no-decay groups each split into body and head.
-
-        The scheduler scales every group's own initial lr, so the head keeps its multiple all along.
-        """
-        decay = set(self.get_decay_parameter_names(model))
+        """The Trainer's optimizer class and settings over `param_groups` with the head at its own rate."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        groups = []
-        for in_head in (False, True):
-            for decayed in (True, False):
-                params = [p for n, p in named if (n in head) == in_head and (n in decay) == decayed]
-                if params:
-                    lr = self.args.learning_rate * (self.head_lr_scale if in_head else 1.0)
-                    groups.append({"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0, "lr": lr})
+        decay = set(self.get_decay_parameter_names(model))
+        groups = param_groups(named, decay, self.args.weight_decay, self.args.learning_rate, head, self.head_lr_scale)
         opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         return opt_cls(groups, **opt_kwargs)
 

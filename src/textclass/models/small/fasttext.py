@@ -193,7 +193,7 @@ class FastText(nn.Module):
         nn.init.zeros_(self.fc.bias)
         # Rows that may be nonzero: the word rows, then every row a sparse training step has fed (only those
         # get gradients). Lets a checkpoint skip scanning the whole table for nonzero rows (0.06 s at 820 MB,
-        # once per checkpoint). None when unknown (a dense load, a dense-gradient step): then we scan.
+        # once per checkpoint). Emptied when unknown (a dense load, a dense-gradient step): then we scan.
         touched = torch.zeros(vocab_size + buckets, dtype=torch.bool)
         touched[:vocab_size] = True
         self.register_buffer("touched_rows", touched, persistent=False)
@@ -209,21 +209,25 @@ class FastText(nn.Module):
         """
         state = self.state_dict()
         weight = state.pop("embedding.weight")
-        tracked = getattr(self, "touched_rows", None)
+        tracked = self.touched_rows
         # Under several processes each mask holds only its own batches' rows (and DDP overwrites buffers
         # with rank 0's), while every rank applies all ranks' gradients: scan there.
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if scan or distributed or tracked is None or tracked.numel() != weight.shape[0]:
+        if scan or distributed or tracked.numel() != weight.shape[0]:
             rows = nonzero_rows(weight).to(weight.device)
         else:
             rows = tracked.nonzero().squeeze(1)
         return {**state, self.ROWS: rows, self.VALUES: weight.index_select(0, rows)}
 
+    def forget_touched_rows(self) -> None:
+        """Any row may now be nonzero: the next checkpoint scans the table."""
+        self.touched_rows = torch.empty(0, dtype=torch.bool, device=self.embedding.weight.device)
+
     def forward(self, input_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         table = self.embedding
         if self.training and torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
-            if not table.sparse:  # a dense optimizer may move any row (weight decay): stop tracking
-                self.touched_rows = torch.empty(0, dtype=torch.bool, device=table.weight.device)
+            if not table.sparse:  # a dense optimizer may move any row (weight decay)
+                self.forget_touched_rows()
             else:
                 if self.touched_rows.numel():
                     self.touched_rows[input_ids] = True
@@ -285,8 +289,8 @@ def _expand_state(module: FastText, state: dict[str, Any], prefix: str, *args: A
     """
     rows, values = state.pop(prefix + FastText.ROWS, None), state.pop(prefix + FastText.VALUES, None)
     if rows is None or values is None:
-        if prefix + "embedding.weight" in state:  # a dense table: any row may be nonzero, so scan when saving
-            module.touched_rows = torch.empty(0, dtype=torch.bool, device=module.embedding.weight.device)
+        if prefix + "embedding.weight" in state:  # a dense table: any row may be nonzero
+            module.forget_touched_rows()
         return
     target = module.embedding.weight
     fits = values.dim() == 2 and values.shape[1] == target.shape[1] and len(rows) == len(values)
@@ -296,8 +300,9 @@ def _expand_state(module: FastText, state: dict[str, Any], prefix: str, *args: A
         return
     with torch.no_grad():
         target.zero_()
-        target.index_copy_(0, rows.to(target.device), values.to(target.device, target.dtype))
+        rows = rows.to(target.device)
+        target.index_copy_(0, rows, values.to(target.device, target.dtype))
         touched = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
-        touched[rows.to(target.device)] = True
+        touched[rows] = True
         module.touched_rows = touched
     state[prefix + "embedding.weight"] = target
