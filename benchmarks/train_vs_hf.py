@@ -146,6 +146,7 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="textclass precision.")
     p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (for quick runs).")
     p.add_argument("--variants", default="plain,textclass")
+    p.add_argument("--out", default=None, help="JSON to write (default: results/train_vs_hf-DATASET-HEAD-sSEEDS.json).")
     p.add_argument("--seeds", default="42", help="Comma-separated training seeds; each variant runs once per seed.")
     p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -193,7 +194,8 @@ def main() -> None:
             print(f"{name:<10} {r['seed']:>6} {r['train_s']:>9.1f} {r['total_s']:>9.1f} {r['process_wall_s']:>10.1f} "
                   f"{r['samples_per_s']:>10.1f} {r['test_accuracy']:>9.4f} {ratio:>8}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"train_vs_hf-{args.dataset}.json"
+    # One file per data set, head and seed list, so a later run with other settings does not overwrite it.
+    out = Path(args.out) if args.out else RESULTS / f"train_vs_hf-{args.dataset}-{args.head}-s{args.seeds.replace(',', '_')}.json"
     settings_json = vars(args) | {"variant": None, "files": None, "seed": None}
     out.write_text(json.dumps({"settings": settings_json, "results": rows, "means": means}, indent=2))
     print(f"\nwritten {out}")
