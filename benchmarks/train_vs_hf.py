@@ -113,7 +113,7 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
         },
     }
     t0 = time.perf_counter()
-    result = train(cfg)
+    result = train(cfg, args.set or None)
     total_s = time.perf_counter() - t0
     t = result.metrics["train"]
     return {
@@ -144,6 +144,7 @@ def main() -> None:
     p.add_argument("--head", default="linear", choices=["linear", "hf"], help="textclass head (hf: the plain script's).")
     p.add_argument("--head-lr-scale", type=float, default=1.0, help="textclass: the new head's lr multiple.")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="textclass precision.")
+    p.add_argument("--set", action="append", help="Extra textclass overrides, e.g. --set training.group_by_length=false.")
     p.add_argument("--train-limit", type=int, default=None, help="Use only N training rows (for quick runs).")
     p.add_argument("--variants", default="plain,textclass")
     p.add_argument("--out", default=None, help="JSON to write (default: results/train_vs_hf-DATASET-HEAD-sSEEDS.json).")
@@ -167,6 +168,7 @@ def main() -> None:
                    "--epochs", str(args.epochs), "--max-length", str(args.max_length),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--pooling", args.pooling, "--head", args.head,
                    "--head-lr-scale", str(args.head_lr_scale), "--precision", args.precision, "--seed", str(seed)]
+            cmd += [f"--set={o}" for o in args.set or []]
             print(f"running {variant} seed {seed} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -178,6 +180,8 @@ def main() -> None:
 
     settings = (f"{args.dataset}, MiniLM-L6, max_length {args.max_length}, {args.epochs:g} epochs, batch {args.batch_size}, "
                 f"lr {args.lr:g}, textclass pooling {args.pooling}, head {args.head}, head lr x{args.head_lr_scale:g}, precision {args.precision}")
+    if args.set:
+        settings += ", textclass " + " ".join(args.set)
     if args.train_limit:
         settings += f", train limited to {args.train_limit} rows"
     print(f"\n{settings}, torch threads {__import__('torch').get_num_threads()}")

@@ -207,14 +207,18 @@ def test_unset_batch_size_and_rate_are_the_archs_and_saved(toy_files: dict, tmp_
 
     from textclass.models.small.family import DEFAULT_BATCH_SIZES, DEFAULT_LEARNING_RATES
 
-    cfg = fasttext_config(toy_files, tmp_path / "run", epochs=1)
+    from conftest import make_texts
+
+    files = {**toy_files, "train": tmp_path / "train600.csv"}
+    make_texts(600, 10).to_csv(files["train"], index=False)  # more than one default batch
+    cfg = fasttext_config(files, tmp_path / "run", epochs=1)
     del cfg["training"]["batch_size"]
     result = train(cfg)
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())["training"]
-    assert saved["batch_size"] == DEFAULT_BATCH_SIZES["fasttext"] == 64
+    assert saved["batch_size"] == DEFAULT_BATCH_SIZES["fasttext"] == 256
     assert saved["learning_rate"] == DEFAULT_LEARNING_RATES["fasttext"]
-    n_train = len(pd.read_csv(toy_files["train"]))
-    assert result.metrics["train"]["global_step"] == -(-n_train // 64)  # one epoch of batches of 64
+    n_train = len(pd.read_csv(files["train"]))
+    assert result.metrics["train"]["global_step"] == -(-n_train // 256) == 3  # one epoch of batches of 256
 
 
 @pytest.mark.parametrize("labels", [[0, 2, 1], [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]])
