@@ -273,37 +273,6 @@ def test_length_grouped_batches_come_in_random_order() -> None:
     assert again == indices  # seeded: --resume replays the same batches
 
 
-def test_length_grouped_batches_mix_labels_where_length_predicts_them() -> None:
-    """Label 1 texts are longer: plain grouping gives one-label batches, label mixing the data's share."""
-    from textclass.training.trainer import ShuffledLengthGroupedSampler
-
-    g = torch.Generator().manual_seed(0)
-    labels = [int(y) for y in torch.randint(0, 2, (1000,), generator=g)]
-    lengths = [int(n) + 150 * y for n, y in zip(torch.randint(1, 200, (1000,), generator=g), labels)]
-
-    def batches(labels_given: list | None) -> list[list[int]]:
-        indices = list(ShuffledLengthGroupedSampler(16, lengths, labels_given, generator=torch.Generator().manual_seed(1)))
-        assert sorted(indices) == list(range(1000))
-        assert lengths[indices[0]] == max(lengths)
-        return [indices[i : i + 16] for i in range(0, 992, 16)]  # full batches
-
-    share = np.mean(labels)
-    def skew(bs: list[list[int]]) -> float:
-        return float(np.mean([abs(np.mean([labels[i] for i in b]) - share) for b in bs]))
-
-    def padding(bs: list[list[int]]) -> float:
-        return sum(max(lengths[i] for i in b) * len(b) for b in bs) / sum(lengths[i] for b in bs for i in b)
-
-    plain, mixed = batches(None), batches(labels)
-    assert skew(plain) > 0.3  # 0.39: most plain-grouped batches hold one label (random batches: 0.11)
-    assert skew(mixed) < 0.05  # 0.015: every batch near the data's share
-    # Padded / real tokens: plain grouping 1.07, mixed 1.45 (the labels' lengths barely overlap here), random 1.86.
-    assert padding(plain) < padding(mixed) < 1.6 < padding([list(range(i, i + 16)) for i in range(0, 992, 16)])
-    assert batches(labels) == mixed  # seeded
-    multi = ShuffledLengthGroupedSampler(16, lengths, [[1.0, 0.0]] * 1000)
-    assert multi.labels is None  # multi-hot rows: plain length grouping
-
-
 @pytest.mark.parametrize("head", ["linear", "hf"])
 def test_head_lr_scale_gives_the_new_head_its_own_rate(tiny_bert: Path, tmp_path: Path, head: str) -> None:
     from torch import nn
