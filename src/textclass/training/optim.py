@@ -97,13 +97,43 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
                 # mean(g**2) per row as norm**2 / dim: no (rows, dim) temporary, 0.04 vs 0.14 ms for 5,000 rows.
                 mean_sq = torch.linalg.vector_norm(g.float(), dim=1).square_().div_(g.shape[1])
-                acc = state["sum"].index_select(0, rows).add_(mean_sq)
-                state["sum"].index_copy_(0, rows, acc)
+                acc = gather_rows(state["sum"], rows).add_(mean_sq)
+                scatter_rows(state["sum"], rows, acc)
                 scale = acc.sqrt_().add_(group["eps"]).reciprocal_().unsqueeze(1).to(g.dtype)
                 # Rows are unique after coalesce, so gather-add-scatter equals index_add_, which was slower on
                 # a 2M-row table (2.0 vs 1.3 ms for 3,800 random rows of 100 floats, one thread).
-                p.index_copy_(0, rows, p.index_select(0, rows).addcmul_(g, scale, value=-group["lr"]))
+                scatter_rows(p, rows, gather_rows(p, rows).addcmul_(g, scale, value=-group["lr"]))
         return loss
+
+
+def _numpy_view(t: torch.Tensor) -> Any:
+    """A numpy view of a contiguous CPU tensor of a dtype numpy has, else None."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.float64):
+        return None
+    return t.detach().numpy()
+
+
+def gather_rows(table: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`table.index_select(0, rows)`; through numpy on CPU.
+
+    On fastText's 2M x 100 float table, 18,000 unique rows (one chinese-reviews batch of 256), one thread:
+    numpy's `take` 0.35 ms against `index_select` 0.52 ms.
+    """
+    view = _numpy_view(table)
+    return table.index_select(0, rows) if view is None else torch.from_numpy(view.take(rows.numpy(), axis=0))
+
+
+def scatter_rows(table: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """`table.index_copy_(0, rows, values)` (unique rows, no autograd); through numpy on CPU.
+
+    Same table and rows as `gather_rows`: numpy's fancy assignment 0.82 ms against `index_copy_` 1.66 ms,
+    which copies element by element. Together ~0.3 s of a 2.4 s chinese-reviews training run.
+    """
+    view = _numpy_view(table)
+    if view is None or values.dtype != table.dtype or values.device.type != "cpu":
+        table.index_copy_(0, rows, values)
+    else:
+        view[rows.numpy()] = values.numpy()
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
