@@ -68,6 +68,21 @@ def test_fasttext_gradient_is_coalesced_and_accumulates() -> None:
     torch.testing.assert_close(both.to_dense(), dense.weight.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_gather_and_scatter_match_torch(dtype: torch.dtype) -> None:
+    """float32 goes through numpy views, bfloat16 (no numpy dtype) through torch: the same rows either way."""
+    from textclass.training.optim import gather_rows, scatter_rows
+
+    table = torch.randn(100, 7).to(dtype)
+    expected = table.clone()
+    rows = torch.tensor([3, 97, 0, 41])
+    torch.testing.assert_close(gather_rows(table, rows), table.index_select(0, rows), rtol=0, atol=0)
+    values = torch.randn(4, 7).to(dtype)
+    scatter_rows(table, rows, values)
+    expected.index_copy_(0, rows, values)
+    assert torch.equal(table, expected)
+
+
 def test_row_wise_adagrad_updates_used_rows_by_formula_and_resumes_exactly() -> None:
     """G[r] += mean(g[r]^2); w[r] -= lr g[r] / (sqrt(G[r]) + eps), only for rows in the batch; a state_dict
     round trip in the middle (what --resume does) changes nothing."""
