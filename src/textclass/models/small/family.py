@@ -64,9 +64,9 @@ DEFAULT_LEARNING_RATES = {"fasttext": 4e-2, "textcnn": 1e-3, "textrnn": 1e-3, "t
 # fixed per-step cost (clipping, scheduler, callbacks, the dense head's AdamW) is a large share of it: fewer,
 # larger batches train faster. Row-wise AdaGrad moves a row about `lr` per step, so the rate grows with the
 # batch (64 at 1e-2 before). 5 epochs, 1 thread, this machine, test / valid accuracy, train s:
-#   batch 64, lr 1e-2:  chinese-reviews 0.8433 / -, 3.3 s;      bbc-news 0.9434 / -, 1.8 s
+#   batch 64, lr 1e-2:  chinese-reviews 0.8433 / -,      3.3 s;     bbc-news 0.9434 / -,      1.8 s
 #   batch 256, lr 4e-2: chinese-reviews 0.8508 / 0.8508, 2.3-2.5 s; bbc-news 0.9670 / 0.9623, 1.8-1.9 s
-#   batch 512, lr 8e-2: chinese-reviews 0.8531 / 0.8531, 2.2 s; bbc-news 0.9623 / 0.9623, 1.2 s
+#   batch 512, lr 8e-2: chinese-reviews 0.8531 / 0.8531, 2.2 s;     bbc-news 0.9623 / 0.9623, 1.2 s
 # 256 keeps 7 steps an epoch on bbc-news' 1,557 training texts; 512 would leave small data sets 2-3. The
 # other archs keep 16 until measured.
 DEFAULT_BATCH_SIZES = {"fasttext": 256, "textcnn": 16, "textrnn": 16, "textrcnn": 16, "transformer": 16}
