@@ -71,7 +71,7 @@ def test_fasttext_gradient_is_coalesced_and_accumulates() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_gather_and_scatter_match_torch(dtype: torch.dtype) -> None:
     """float32 goes through numpy views, bfloat16 (no numpy dtype) through torch: the same rows either way."""
-    from textclass.training.optim import gather_rows, scatter_rows
+    from textclass.table_rows import gather_rows, scatter_rows
 
     table = torch.randn(100, 7).to(dtype)
     expected = table.clone()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from textclass.table_rows import gather_rows, scatter_rows
 from textclass.text.vocab import SPECIALS
 
 _FNV_OFFSET = 2166136261
@@ -217,7 +218,7 @@ class FastText(nn.Module):
             rows = nonzero_rows(weight).to(weight.device)
         else:
             rows = tracked.nonzero().squeeze(1)
-        return {**state, self.ROWS: rows, self.VALUES: weight.index_select(0, rows)}
+        return {**state, self.ROWS: rows, self.VALUES: gather_rows(weight, rows)}
 
     def forget_touched_rows(self) -> None:
         """Any row may now be nonzero: the next checkpoint scans the table."""
@@ -301,7 +302,7 @@ def _expand_state(module: FastText, state: dict[str, Any], prefix: str, *args: A
     with torch.no_grad():
         target.zero_()
         rows = rows.to(target.device)
-        target.index_copy_(0, rows, values.to(target.device, target.dtype))
+        scatter_rows(target, rows, values.to(target.device, target.dtype))
         touched = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
         touched[rows] = True
         module.touched_rows = touched
