@@ -14,6 +14,12 @@ samples/s and test accuracy; the parent prints them side by side and writes JSON
 With several `--seeds` every variant runs once per seed (the seed of the model head's initialisation, of
 dropout and of the data order) and the table adds each variant's mean: on a few thousand texts one seed's
 test accuracy moves by a point or more, more than the variants differ.
+
+`--combine` reads result files written by earlier runs (other seeds, other variants), pools the runs of
+each variant by data set, and prints every variant's mean, standard deviation and its accuracy difference
+from the plain script with a Welch 95% confidence interval:
+
+    python benchmarks/train_vs_hf.py --combine benchmarks/results/train_vs_hf-chinese-reviews-*.json
 """
 
 from __future__ import annotations
@@ -124,6 +130,68 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
     }
 
 
+KEYS = ["train_s", "total_s", "process_wall_s", "samples_per_s", "test_accuracy"]
+
+
+def print_table(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Print each run, each variant's mean and (two seeds or more) its accuracy difference from plain; return the means."""
+    from scipy.stats import ttest_ind
+
+    means = {name: {k: sum(r[k] for r in runs) / len(runs) for k in KEYS} for name, runs in rows.items()}
+    base = means.get("plain", {}).get("total_s")
+    width = max(10, *(len(n) for n in rows))
+    header = (f"{'variant':<{width}} {'seed':>6} {'train s':>9} {'total s':>9} {'process s':>10} {'samples/s':>10} "
+              f"{'test acc':>9} {'x plain':>8}")
+    print(header)
+    print("-" * len(header))
+    for name, runs in rows.items():
+        for r in runs + ([{**means[name], "seed": "mean"}] if len(runs) > 1 else []):
+            ratio = f"{r['total_s'] / base:.2f}" if base else "-"
+            print(f"{name:<{width}} {r['seed']:>6} {r['train_s']:>9.1f} {r['total_s']:>9.1f} {r['process_wall_s']:>10.1f} "
+                  f"{r['samples_per_s']:>10.1f} {r['test_accuracy']:>9.4f} {ratio:>8}")
+    plain = [r["test_accuracy"] for r in rows.get("plain", [])]
+    if len(plain) < 2:
+        return means
+    print(f"\ntest accuracy against plain ({len(plain)} seeds, mean {sum(plain) / len(plain):.4f}); "
+          "difference of means, Welch 95% interval:")
+    for name, runs in rows.items():
+        acc = [r["test_accuracy"] for r in runs]
+        if name == "plain" or len(acc) < 2:
+            continue
+        low, high = ttest_ind(acc, plain, equal_var=False).confidence_interval(0.95)
+        diff = sum(acc) / len(acc) - sum(plain) / len(plain)
+        print(f"  {name:<{width}} n={len(acc)}  {diff * 100:+.2f} points  [{low * 100:+.2f}, {high * 100:+.2f}]")
+    return means
+
+
+def variant_label(variant: str, settings: dict) -> str:
+    """`plain`, or `textclass` plus whatever its settings change from textclass's benchmark defaults."""
+    if variant == "plain":
+        return "plain"
+    extra = [f"{k}={settings[k]}" for k, default in (("head", "linear"), ("pooling", "mean"), ("precision", "auto"),
+                                                     ("head_lr_scale", 1.0)) if settings.get(k) not in (None, default)]
+    extra += [o.split(".")[-1] for o in settings.get("set") or []]
+    return " ".join([variant, *extra])
+
+
+def combine(files: list[str]) -> None:
+    """Pool the runs of earlier result files by data set and variant (a seed counts once per variant)."""
+    by_data: dict[str, dict[str, dict[int, dict]]] = {}
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        s = data["settings"]
+        setting = (s["dataset"], s.get("train_limit"), s["epochs"], s["max_length"], s["batch_size"], s["lr"])
+        for variant, runs in data["results"].items():
+            label = variant_label(variant, s)
+            for r in runs:
+                by_data.setdefault(setting, {}).setdefault(label, {}).setdefault(r["seed"], r)
+    for (dataset, limit, epochs, max_length, batch, lr), variants in by_data.items():
+        rows = {name: list(runs.values()) for name, runs in sorted(variants.items(), key=lambda kv: kv[0] != "plain")}
+        limit_s = f", train limited to {limit} rows" if limit else ""
+        print(f"\n{dataset}, max_length {max_length}, {epochs:g} epochs, batch {batch}, lr {lr:g}{limit_s}")
+        print_table(rows)
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
@@ -149,12 +217,15 @@ def main() -> None:
     p.add_argument("--variants", default="plain,textclass")
     p.add_argument("--out", default=None, help="JSON to write (default: results/train_vs_hf-DATASET-HEAD-sSEEDS.json).")
     p.add_argument("--seeds", default="42", help="Comma-separated training seeds; each variant runs once per seed.")
+    p.add_argument("--combine", nargs="+", metavar="JSON", help="Pool earlier result files and compare; runs nothing.")
     p.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
         return child(args)
+    if args.combine:
+        return combine(args.combine)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -185,18 +256,7 @@ def main() -> None:
     if args.train_limit:
         settings += f", train limited to {args.train_limit} rows"
     print(f"\n{settings}, torch threads {__import__('torch').get_num_threads()}")
-    header = (f"{'variant':<10} {'seed':>6} {'train s':>9} {'total s':>9} {'process s':>10} {'samples/s':>10} "
-              f"{'test acc':>9} {'x plain':>8}")
-    print(header)
-    print("-" * len(header))
-    keys = ["train_s", "total_s", "process_wall_s", "samples_per_s", "test_accuracy"]
-    means = {name: {k: sum(r[k] for r in runs) / len(runs) for k in keys} for name, runs in rows.items()}
-    base = means.get("plain", {}).get("total_s")
-    for name, runs in rows.items():
-        for r in runs + ([{**means[name], "seed": "mean"}] if len(runs) > 1 else []):
-            ratio = f"{r['total_s'] / base:.2f}" if base else "-"
-            print(f"{name:<10} {r['seed']:>6} {r['train_s']:>9.1f} {r['total_s']:>9.1f} {r['process_wall_s']:>10.1f} "
-                  f"{r['samples_per_s']:>10.1f} {r['test_accuracy']:>9.4f} {ratio:>8}")
+    means = print_table(rows)
     RESULTS.mkdir(exist_ok=True)
     # One file per data set, head and seed list, so a later run with other settings does not overwrite it.
     out = Path(args.out) if args.out else RESULTS / f"train_vs_hf-{args.dataset}-{args.head}-s{args.seeds.replace(',', '_')}.json"
