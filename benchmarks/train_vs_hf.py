@@ -186,7 +186,8 @@ def combine(files: list[str]) -> None:
             for r in runs:
                 by_data.setdefault(setting, {}).setdefault(label, {}).setdefault(r["seed"], r)
     for (dataset, limit, epochs, max_length, batch, lr), variants in by_data.items():
-        rows = {name: list(runs.values()) for name, runs in sorted(variants.items(), key=lambda kv: kv[0] != "plain")}
+        rows = {name: [runs[seed] for seed in sorted(runs)]
+                for name, runs in sorted(variants.items(), key=lambda kv: (kv[0] != "plain", kv[0]))}
         limit_s = f", train limited to {limit} rows" if limit else ""
         print(f"\n{dataset}, max_length {max_length}, {epochs:g} epochs, batch {batch}, lr {lr:g}{limit_s}")
         print_table(rows)
