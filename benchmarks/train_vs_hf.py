@@ -16,8 +16,8 @@ dropout and of the data order) and the table adds each variant's mean: on a few 
 test accuracy moves by a point or more, more than the variants differ.
 
 `--combine` reads result files written by earlier runs (other seeds, other variants), pools the runs of
-each variant by data set, and prints every variant's mean, standard deviation and its accuracy difference
-from the plain script with a Welch 95% confidence interval:
+each variant by data set, and prints every run, every variant's mean and its accuracy difference from
+the plain script with a Welch 95% confidence interval:
 
     python benchmarks/train_vs_hf.py --combine benchmarks/results/train_vs_hf-chinese-reviews-*.json
 """
@@ -152,14 +152,14 @@ def print_table(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     plain = [r["test_accuracy"] for r in rows.get("plain", [])]
     if len(plain) < 2:
         return means
-    print(f"\ntest accuracy against plain ({len(plain)} seeds, mean {sum(plain) / len(plain):.4f}); "
+    print(f"\ntest accuracy against plain ({len(plain)} seeds, mean {means['plain']['test_accuracy']:.4f}); "
           "difference of means, Welch 95% interval:")
     for name, runs in rows.items():
         acc = [r["test_accuracy"] for r in runs]
         if name == "plain" or len(acc) < 2:
             continue
         low, high = ttest_ind(acc, plain, equal_var=False).confidence_interval(0.95)
-        diff = sum(acc) / len(acc) - sum(plain) / len(plain)
+        diff = means[name]["test_accuracy"] - means["plain"]["test_accuracy"]
         print(f"  {name:<{width}} n={len(acc)}  {diff * 100:+.2f} points  [{low * 100:+.2f}, {high * 100:+.2f}]")
     return means
 
@@ -176,7 +176,7 @@ def variant_label(variant: str, settings: dict) -> str:
 
 def combine(files: list[str]) -> None:
     """Pool the runs of earlier result files by data set and variant (a seed counts once per variant)."""
-    by_data: dict[str, dict[str, dict[int, dict]]] = {}
+    by_data: dict[tuple, dict[str, dict[int, dict]]] = {}
     for f in files:
         data = json.loads(Path(f).read_text())
         s = data["settings"]
