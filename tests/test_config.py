@@ -42,6 +42,8 @@ def test_override_switches_family() -> None:
         (["model.pooling=max"], "model.pooling"),
         (["data.valid_ratio=0.9"], "data.valid_ratio"),
         (["training.best_metric=auc"], "training.best_metric"),
+        (["training.final_model=first"], "training.final_model"),
+        (["training.final_model=last", "training.early_stopping_patience=2"], "use final_model=best"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(overrides: list[str], needle: str) -> None:

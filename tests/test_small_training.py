@@ -120,6 +120,8 @@ def test_default_learning_rate_is_the_familys() -> None:
     assert get_family("encoder").default_learning_rate(EncoderModelConfig()) == 5e-5
     small = get_family("small")
     assert all(small.default_learning_rate(SmallModelConfig(arch=a)) >= 1e-4 for a in ARCHS)  # from scratch
+    assert get_family("encoder").default_final_model(EncoderModelConfig()) == "last"
+    assert small.default_final_model(SmallModelConfig()) == "best"
 
 
 def test_fasttext_default_buckets_learns_with_row_wise_adagrad(toy_files: dict[str, Path], tmp_path: Path) -> None:
@@ -127,13 +129,15 @@ def test_fasttext_default_buckets_learns_with_row_wise_adagrad(toy_files: dict[s
     assert result.metrics["test"]["accuracy"] >= 0.9
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
     assert saved["training"]["learning_rate"] == get_family("small").default_learning_rate(SmallModelConfig())
+    assert saved["training"]["final_model"] == result.metrics["train"]["final_model"] == "best"
     clf = Classifier.load(result.run_dir)
     assert clf.predictor.model.embedding.weight.shape[0] > 2_000_000
     assert clf.predict(["match goal team referee"])[0]["label"] == "sport"
 
 
+@pytest.mark.parametrize("final_model", ["best", "last"])
 def test_resume_with_combined_optimizer_matches_uninterrupted(
-    toy_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    toy_files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, final_model: str
 ) -> None:
     """Crash after the first epoch's checkpoint, resume: same metrics and scores as one uninterrupted run.
 
@@ -144,7 +148,7 @@ def test_resume_with_combined_optimizer_matches_uninterrupted(
 
     import textclass.training.run as run_mod
 
-    full = train(fasttext_config(toy_files, tmp_path / "full"))
+    full = train(fasttext_config(toy_files, tmp_path / "full", final_model=final_model))
 
     class CrashOnSave(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -163,7 +167,7 @@ def test_resume_with_combined_optimizer_matches_uninterrupted(
         trainer.add_callback(CrashOnSave())
         return trainer
 
-    cfg = fasttext_config(toy_files, tmp_path / "resumed")
+    cfg = fasttext_config(toy_files, tmp_path / "resumed", final_model=final_model)
     with monkeypatch.context() as patch:
         patch.setattr(run_mod, "build_trainer", crashing)
         with pytest.raises(KeyboardInterrupt):
@@ -171,6 +175,7 @@ def test_resume_with_combined_optimizer_matches_uninterrupted(
     assert not (tmp_path / "resumed" / "config.yaml").exists()
     resumed = train(cfg, resume=True)
     assert resumed.metrics["train"]["global_step"] == full.metrics["train"]["global_step"]
+    assert resumed.metrics["train"]["final_model"] == final_model
     assert resumed.metrics["valid"] == full.metrics["valid"] and resumed.metrics["test"] == full.metrics["test"]
     texts = ["goal team chip", "recipe bread", ""]
     a = Classifier.load(full.run_dir).predict_proba(texts)

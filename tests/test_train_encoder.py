@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from textclass import Classifier, evaluate, train
 from textclass.errors import UserError
@@ -142,7 +143,8 @@ def test_text_pairs_train(tiny_bert: Path, tmp_path: Path) -> None:
     assert out[0]["label"] in {"yes", "no"}
 
 
-def test_resume_matches_uninterrupted(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("final_model", ["best", "last"])
+def test_resume_matches_uninterrupted(tiny_bert: Path, toy_files: dict, tmp_path: Path, final_model: str) -> None:
     """Stop after the first epoch's checkpoint, resume, and end with the same metrics and weights."""
     from transformers import TrainerCallback
 
@@ -150,7 +152,7 @@ def test_resume_matches_uninterrupted(tiny_bert: Path, toy_files: dict, tmp_path
         def on_save(self, args, state, control, **kw):
             raise KeyboardInterrupt("simulated crash")
 
-    full = train(tiny_config(tiny_bert, toy_files, tmp_path / "full", epochs=2, keep_checkpoints=True))
+    full = train(tiny_config(tiny_bert, toy_files, tmp_path / "full", epochs=2, keep_checkpoints=True, final_model=final_model))
 
     import textclass.training.trainer as tr
 
@@ -165,7 +167,7 @@ def test_resume_matches_uninterrupted(tiny_bert: Path, toy_files: dict, tmp_path
     import textclass.training.run as run_mod
 
     run_mod.build_trainer = crashing
-    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "resumed", epochs=2, keep_checkpoints=True)
+    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "resumed", epochs=2, keep_checkpoints=True, final_model=final_model)
     try:
         with pytest.raises(KeyboardInterrupt):
             train(cfg)
@@ -181,6 +183,33 @@ def test_resume_matches_uninterrupted(tiny_bert: Path, toy_files: dict, tmp_path
     a = Classifier.load(full.run_dir).predict_proba(["goal team chip"])
     b = Classifier.load(resumed.run_dir).predict_proba(["goal team chip"])
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_final_model_keeps_the_best_or_the_last_weights(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
+    """Valid accuracy reaches 1.0 at step 16 of 48 here: `best` keeps step 16's weights, `last` (the encoder
+    default) step 48's, and each run's valid report is computed from the weights it kept."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for final in ["best", None]:
+        cfg = tiny_config(tiny_bert, toy_files, tmp_path / str(final), epochs=6, learning_rate=1e-2, best_metric="accuracy",
+                          keep_checkpoints=True, save_total_limit=6, final_model=final)
+        runs[final] = result = train(cfg)
+        assert result.metrics["train"]["global_step"] == 48
+        kept = result.metrics["train"]["kept_step"]
+        assert (result.metrics["train"]["final_model"], kept) == (("best", 16) if final else ("last", 48))
+        saved = load_file(str(result.run_dir / "model.safetensors"))
+        checkpoint = load_file(str(result.run_dir / "checkpoints" / f"checkpoint-{kept}" / "model.safetensors"))
+        assert saved.keys() == checkpoint.keys()
+        for name, tensor in saved.items():
+            torch.testing.assert_close(tensor, checkpoint[name], rtol=0, atol=0, msg=name)
+        report = evaluate(result.run_dir, toy_files["valid"], tmp_path / f"valid-{final}")
+        assert report["metrics"] == pytest.approx(result.metrics["valid"])
+    saved_cfg = yaml.safe_load((runs[None].run_dir / "config.yaml").read_text())
+    assert saved_cfg["training"]["final_model"] == "last"  # the resolved default is saved
+    a = Classifier.load(runs["best"].run_dir).predict_proba(["goal team chip"])
+    b = Classifier.load(runs[None].run_dir).predict_proba(["goal team chip"])
+    assert not np.allclose(a, b)
 
 
 def test_existing_run_dir_is_not_clobbered(trained, tiny_bert: Path) -> None:
@@ -199,6 +228,7 @@ def test_tensorboard_and_early_stopping(tiny_bert: Path, toy_files: dict, tmp_pa
                                best_metric="accuracy"))
     assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert result.metrics["train"]["epochs"] < 30  # stopped once valid accuracy (soon 1.0) stopped improving
+    assert result.metrics["train"]["final_model"] == "best"  # early stopping keeps the best, whatever the family
 
 
 def test_validation_logits_are_kept_in_dataset_order(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:

@@ -134,6 +134,12 @@ class TrainingConfig(_Section):
     )
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; default: every epoch.")
     best_metric: str = Field("macro_f1", description="Metric that picks the best checkpoint (or `loss`).")
+    final_model: Literal["best", "last"] | None = Field(
+        None,
+        description="Which weights the run keeps: `best` (the validation step with the best `best_metric`) or "
+        "`last` (the end of training). Unset: `best` with early stopping, else the family's default "
+        "(encoders `last`, small models `best`).",
+    )
     save_total_limit: int = Field(2, ge=1)
     keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after a finished run (for inspection).")
     early_stopping_patience: int | None = Field(None, ge=1)
@@ -143,6 +149,15 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(20, ge=1)
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice.")
+
+    @model_validator(mode="after")
+    def _early_stopping_keeps_best(self) -> "TrainingConfig":
+        if self.early_stopping_patience and self.final_model == "last":
+            raise ValueError(
+                "early_stopping_patience with final_model=last would keep weights that early stopping found "
+                "worse than the best; use final_model=best or drop early_stopping_patience"
+            )
+        return self
 
     @field_validator("best_metric")
     @classmethod
@@ -196,6 +211,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
     elif e["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be")
+    elif e["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")  # our validators' own words
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: bad config key `{key}`: {msg}{more}"
 

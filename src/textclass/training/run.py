@@ -84,6 +84,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         cfg.training.learning_rate = family.default_learning_rate(cfg.model)
     if cfg.training.batch_size is None:
         cfg.training.batch_size = family.default_batch_size(cfg.model)
+    if cfg.training.final_model is None:
+        cfg.training.final_model = "best" if cfg.training.early_stopping_patience else family.default_final_model(cfg.model)
     tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
     set_seed(cfg.training.seed)
     model = family.build_model(
@@ -107,8 +109,8 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     predictor = Predictor(model, tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
     metrics: dict[str, Any] = {"train": _train_summary(trainer)}
     reports: dict[str, dict[str, Any]] = {}
-    valid_probs = _best_valid_probs(trainer, data.labels.multi_label)
-    if valid_probs is None:  # no validation logits kept for the best step (e.g. it ran before a --resume)
+    valid_probs = _kept_valid_probs(trainer, data.labels.multi_label)
+    if valid_probs is None:  # the kept step was not validated in this process (before a --resume; off-cycle end)
         valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
     if data.labels.multi_label and cfg.evaluation.tune_threshold:
         from textclass.evaluation import tune_threshold
@@ -126,10 +128,17 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     return TrainResult(run_dir, metrics, reports)
 
 
-def _best_valid_probs(trainer: Any, multi_label: bool) -> np.ndarray | None:
-    """The validation probabilities the Trainer computed at the best checkpoint's step, if it kept them."""
+def _kept_step(trainer: Any) -> int:
+    """The step whose weights the run keeps: the best checkpoint's when the Trainer loaded it, else the last."""
     best = trainer.state.best_model_checkpoint
-    logits = trainer.eval_logits.get(int(Path(best).name.split("-")[-1])) if best else None
+    if trainer.args.load_best_model_at_end and best:
+        return int(Path(best).name.split("-")[-1])
+    return trainer.state.global_step
+
+
+def _kept_valid_probs(trainer: Any, multi_label: bool) -> np.ndarray | None:
+    """The validation probabilities the Trainer computed at the kept step, if it validated there."""
+    logits = trainer.eval_logits.get(_kept_step(trainer))
     return None if logits is None else probabilities(torch.as_tensor(logits), multi_label).numpy()
 
 
@@ -161,6 +170,8 @@ def _train_summary(trainer: Any) -> dict[str, Any]:
     return {
         "global_step": state.global_step,
         "epochs": state.epoch,
+        "final_model": "best" if trainer.args.load_best_model_at_end else "last",
+        "kept_step": _kept_step(trainer),
         "best_checkpoint": state.best_model_checkpoint,
         "best_metric": state.best_metric,
         "train_runtime_s": last.get("train_runtime"),

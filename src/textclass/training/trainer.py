@@ -308,6 +308,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
     """Map our training section onto TrainingArguments (one place)."""
     t = cfg.training
     strategy = "steps" if t.eval_steps else "epoch"
+    keep_best = has_valid and t.final_model == "best"
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
@@ -321,15 +322,15 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
         eval_strategy=strategy if has_valid else "no",
-        # Small models train from scratch and improve unevenly; writing only improving evaluations spares
-        # fastText's ~1 GB table most rewrites. A --resume then restarts from the best checkpoint and replays
-        # the later steps with the saved RNG/optimizer state, so the result is the same.
-        save_strategy="best" if has_valid and cfg.model.family == "small" else strategy,
+        # Small models keep their best evaluation; writing only improving ones spares fastText's ~1 GB table
+        # most rewrites. A --resume then restarts from the best checkpoint and replays the later steps with
+        # the saved RNG/optimizer state, so the result is the same.
+        save_strategy="best" if keep_best and cfg.model.family == "small" else strategy,
         eval_steps=t.eval_steps,
         save_steps=t.eval_steps,
         save_total_limit=t.save_total_limit,
-        load_best_model_at_end=has_valid,
-        metric_for_best_model=t.best_metric,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=t.best_metric,  # tracked (and reported) with final_model=last too
         greater_is_better=t.best_metric not in LOWER_IS_BETTER,
         logging_steps=t.logging_steps,
         logging_first_step=True,

@@ -120,6 +120,10 @@ class SmallFamily(Family):
     def default_batch_size(self, cfg: SmallModelConfig) -> int:
         return DEFAULT_BATCH_SIZES[cfg.arch]
 
+    def default_final_model(self, cfg: SmallModelConfig) -> str:
+        """`best`: trained from scratch for many epochs at high rates, small models improve unevenly."""
+        return "best"
+
     def build_tokenizer(self, cfg: SmallModelConfig, train_texts: list[str]) -> TextTokenizer:
         return TextTokenizer.fit(train_texts, cfg.tokenizer, cfg.lowercase, cfg.min_freq, cfg.max_vocab)
 
