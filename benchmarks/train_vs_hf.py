@@ -127,6 +127,8 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
         "total_s": total_s,
         "samples_per_s": t["train_samples_per_second"],
         "test_accuracy": result.metrics["test"]["accuracy"],
+        "final_model": t["final_model"],  # which weights the run kept (best validation step or last)
+        "kept_step": t["kept_step"],
     }
 
 
@@ -164,13 +166,15 @@ def print_table(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     return means
 
 
-def variant_label(variant: str, settings: dict) -> str:
-    """`plain`, or `textclass` plus whatever its settings change from textclass's benchmark defaults."""
+def variant_label(variant: str, settings: dict, run: dict) -> str:
+    """`plain`, or `textclass` plus whatever its settings (and the weights it kept) change from its defaults."""
     if variant == "plain":
         return "plain"
     extra = [f"{k}={settings[k]}" for k, default in (("head", "linear"), ("pooling", "mean"), ("precision", "auto"),
                                                      ("head_lr_scale", 1.0)) if settings.get(k) not in (None, default)]
-    extra += [o.split(".")[-1] for o in settings.get("set") or []]
+    extra += [o.split(".")[-1] for o in settings.get("set") or [] if not o.startswith("training.final_model")]
+    if run.get("final_model", "last") != "last":  # encoders keep the last epoch by default
+        extra.append(f"final_model={run['final_model']}")
     return " ".join([variant, *extra])
 
 
@@ -182,9 +186,8 @@ def combine(files: list[str]) -> None:
         s = data["settings"]
         setting = (s["dataset"], s.get("train_limit"), s["epochs"], s["max_length"], s["batch_size"], s["lr"])
         for variant, runs in data["results"].items():
-            label = variant_label(variant, s)
             for r in runs:
-                by_data.setdefault(setting, {}).setdefault(label, {}).setdefault(r["seed"], r)
+                by_data.setdefault(setting, {}).setdefault(variant_label(variant, s, r), {}).setdefault(r["seed"], r)
     for (dataset, limit, epochs, max_length, batch, lr), variants in by_data.items():
         rows = {name: [runs[seed] for seed in sorted(runs)]
                 for name, runs in sorted(variants.items(), key=lambda kv: (kv[0] != "plain", kv[0]))}
