@@ -105,6 +105,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints", loss_fn)
     trainer.train(resume_from_checkpoint=True if resume else None)
     model = trainer.model
+    _log_kept(trainer, cfg)
 
     predictor = Predictor(model, tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
     metrics: dict[str, Any] = {"train": _train_summary(trainer)}
@@ -134,6 +135,14 @@ def _kept_step(trainer: Any) -> int:
     if trainer.args.load_best_model_at_end and best:
         return int(Path(best).name.split("-")[-1])
     return trainer.state.global_step
+
+
+def _log_kept(trainer: Any, cfg: Config) -> None:
+    state = trainer.state
+    best = ""
+    if state.best_metric is not None and state.best_global_step:
+        best = f" (best valid {cfg.training.best_metric} {state.best_metric:.4f} at step {state.best_global_step})"
+    log.info("final_model=%s: keeping step %d of %d%s", cfg.training.final_model, _kept_step(trainer), state.global_step, best)
 
 
 def _kept_valid_probs(trainer: Any, multi_label: bool) -> np.ndarray | None:
