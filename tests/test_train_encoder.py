@@ -264,14 +264,17 @@ def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: True)
-    assert tr.resolve_precision("auto", "encoder") == {"bf16": True, "use_cpu": True}
-    assert tr.resolve_precision("auto", "small") == {}  # embedding-bound: autocast would only add casts
-    assert tr.resolve_precision("fp32", "encoder") == {}
+    from textclass.models.registry import get_family
+
+    encoder, small = get_family("encoder").cpu_autocast, get_family("small").cpu_autocast
+    assert tr.resolve_precision("auto", encoder) == {"bf16": True, "use_cpu": True}
+    assert tr.resolve_precision("auto", small) == {}  # embedding-bound: autocast would only add casts
+    assert tr.resolve_precision("fp32", encoder) == {}
     monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: False)
-    assert tr.resolve_precision("auto", "encoder") == {}  # emulated bf16 is slower than fp32
-    assert tr.resolve_precision("bf16", "encoder") == {"bf16": True, "use_cpu": True}  # asked for: honoured
+    assert tr.resolve_precision("auto", encoder) == {}  # emulated bf16 is slower than fp32
+    assert tr.resolve_precision("bf16", encoder) == {"bf16": True, "use_cpu": True}  # asked for: honoured
     with pytest.raises(UserError, match="training.precision=fp16"):
-        tr.resolve_precision("fp16", "encoder")
+        tr.resolve_precision("fp16", encoder)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

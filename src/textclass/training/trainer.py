@@ -282,18 +282,17 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def resolve_precision(precision: str, family: str = "encoder") -> dict[str, bool]:
+def resolve_precision(precision: str, cpu_autocast: bool = True) -> dict[str, bool]:
     """TrainingArguments flags for the requested precision, checked against the hardware.
 
-    `auto` on CPU picks bf16 autocast for transformer families when the CPU has native bf16: a MiniLM
-    training step is ~1.5x faster on such a CPU (AVX512-BF16) with fp32 master weights. Small models stay
-    fp32: their cost is embedding lookups, which autocast does not speed up.
+    `auto` on CPU picks bf16 autocast for families with `cpu_autocast` when the CPU has native bf16: a
+    MiniLM training step is ~1.5x faster on such a CPU (AVX512-BF16) with fp32 master weights.
     """
     cuda = torch.cuda.is_available()
     if precision == "auto":
         if cuda:
             return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
-        precision = "bf16" if family != "small" and cpu_has_native_bf16() else "fp32"
+        precision = "bf16" if cpu_autocast and cpu_has_native_bf16() else "fp32"
     if precision == "fp16" and not cuda:
         raise UserError("training.precision=fp16 needs a CUDA GPU and none is visible; use fp32 or bf16")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -304,7 +303,7 @@ def resolve_precision(precision: str, family: str = "encoder") -> dict[str, bool
     return {"fp16": True} if precision == "fp16" else {}
 
 
-def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> TrainingArguments:
+def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid: bool) -> TrainingArguments:
     """Map our training section onto TrainingArguments (one place)."""
     t = cfg.training
     strategy = "steps" if t.eval_steps else "epoch"
@@ -322,10 +321,10 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
         eval_strategy=strategy if has_valid else "no",
-        # Small models keep their best evaluation; writing only improving ones spares fastText's ~1 GB table
-        # most rewrites. A --resume then restarts from the best checkpoint and replays the later steps with
-        # the saved RNG/optimizer state, so the result is the same.
-        save_strategy="best" if keep_best and cfg.model.family == "small" else strategy,
+        # Writing only improving evaluations spares fastText's ~1 GB table most rewrites. A --resume then
+        # restarts from the best checkpoint and replays the later steps with the saved RNG/optimizer state,
+        # so the result is the same.
+        save_strategy="best" if keep_best and family.save_only_improving else strategy,
         eval_steps=t.eval_steps,
         save_steps=t.eval_steps,
         save_total_limit=t.save_total_limit,
@@ -343,7 +342,7 @@ def training_arguments(cfg: Config, output_dir: Path, has_valid: bool) -> Traini
         label_names=["labels"],
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        **resolve_precision(t.precision, cfg.model.family),
+        **resolve_precision(t.precision, family.cpu_autocast),
     )
 
 
@@ -395,7 +394,7 @@ def build_trainer(
         callbacks.append(tensorboard_callback(output_dir.parent / "tensorboard"))
     return ClassifierTrainer(
         model=model,
-        args=training_arguments(cfg, output_dir, valid_ds is not None),
+        args=training_arguments(cfg, family, output_dir, valid_ds is not None),
         train_dataset=PackedRows(train_ds),
         eval_dataset=None if valid_ds is None else PackedRows(valid_ds),  # numpy rows, as for training
         data_collator=make_collator(family, tokenizer, cfg, labels.multi_label),

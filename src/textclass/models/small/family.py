@@ -114,6 +114,9 @@ def _pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 class SmallFamily(Family):
     """fastText, TextCNN, TextRNN, TextRCNN and a small Transformer over our own tokenizers."""
 
+    cpu_autocast = False  # their cost is embedding lookups, which autocast does not speed up
+    save_only_improving = True  # fastText's table with 2M buckets is ~0.8 GB at dimension 100
+
     def default_learning_rate(self, cfg: SmallModelConfig) -> float:
         return DEFAULT_LEARNING_RATES[cfg.arch]
 
