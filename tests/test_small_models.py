@@ -103,6 +103,17 @@ def test_vectorised_ngram_hashing_equals_the_loop(n: int) -> None:
     assert [g.tolist() for g in got] == [_ngram_buckets_loop(t, n, 2_000_000) for t in texts]
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_ngram_hashing_of_texts_shorter_than_n(n: int) -> None:
+    """A batch with fewer tokens in all than n (a lone one-word text under word_ngrams 4) crashed `serve`."""
+    texts = [["w", "学", "x", "😀", "y", "z"][:length] for length in range(n + 1)]
+    for text in texts:  # each alone
+        assert [g.tolist() for g in batch_word_ngram_buckets([text], n, 1000)] == [_ngram_buckets_loop(text, n, 1000)]
+    for batch in (texts, texts[::-1], texts[:2], [texts[1], texts[0], texts[1]]):  # and in batches
+        got = batch_word_ngram_buckets(batch, n, 1000)
+        assert [g.tolist() for g in got] == [_ngram_buckets_loop(t, n, 1000) for t in batch]
+
+
 def test_word_ngrams_see_word_order() -> None:
     def features(word_ngrams: int) -> tuple[list[int], list[int]]:
         tok, cfg, _ = built("fasttext", word_ngrams=word_ngrams)

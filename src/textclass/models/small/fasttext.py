@@ -82,7 +82,7 @@ def batch_word_ngram_buckets(token_lists: list[list[str]], n: int, buckets: int)
     following = np.zeros_like(hashes)
     for k in range(1, n):
         following[:] = 0
-        following[: total - k] = hashes[k:]
+        following[: max(total - k, 0)] = hashes[k:]  # a batch may hold fewer than n tokens in all
         current = current * np.uint64(_NGRAM_MULT) + following
         grid[:, k - 1] = current % np.uint64(buckets)
     valid = remaining[:, None] > np.arange(1, n)[None, :]
