@@ -11,7 +11,7 @@ import pytest
 from textclass.config import DataConfig
 from textclass.data.labels import LabelSet
 from textclass.data.prepare import prepare_data, read_eval_data, stratified_split
-from textclass.data.readers import read_table
+from textclass.data.readers import read_table, stream_table
 from textclass.errors import UserError
 
 from conftest import make_texts
@@ -39,6 +39,20 @@ def test_every_format_reads_the_same(tmp_path: Path, suffix: str) -> None:
     got = read_table(write(df, tmp_path / f"d{suffix}"))
     assert got["text"].tolist() == df["text"].tolist()
     assert got["label"].astype(str).tolist() == df["label"].tolist()
+
+
+def test_parquet_with_a_repeated_stored_index(tmp_path: Path) -> None:
+    """A pandas index saved in Parquet may repeat values; that crashed loading with a raw ValueError."""
+    df = make_texts(12)
+    df.index = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    p = write(df, tmp_path / "dup.parquet")
+    data = prepare_data(DataConfig(train=str(p), valid_ratio=0.25))
+    assert sorted(data.train["text"].tolist() + data.valid["text"].tolist()) == sorted(df["text"])
+    chunks = list(stream_table(p, chunk_rows=5))
+    assert [c.index.tolist() for c in chunks] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    named = write(df.rename_axis("id"), tmp_path / "named.parquet")  # a named index is data: kept as a column
+    for got in (read_table(named), pd.concat(stream_table(named, chunk_rows=5))):
+        assert got.index.tolist() == list(range(12)) and got["id"].tolist() == df.index.tolist()
 
 
 def test_save_to_disk_folder(tmp_path: Path) -> None:

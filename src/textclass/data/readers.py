@@ -88,7 +88,7 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> 
         if fmt == "json":
             return _read_json(p, encoding)
         if fmt == "parquet":
-            return pd.read_parquet(p)
+            return _plain_index(pd.read_parquet(p))
         if fmt == "disk":
             return _read_disk(p)
     raise UserError(f"{p}: unknown data.format {fmt!r}")
@@ -132,7 +132,7 @@ class TableStream:
                 self.total, self.unit = file.metadata.num_rows, "rows"
                 start = 0
                 for batch in file.iter_batches(batch_size=self.chunk_rows):
-                    df = batch.to_pandas()
+                    df = _plain_index(batch.to_pandas())
                     df.index = pd.RangeIndex(start, start + len(df))
                     start += len(df)
                     self.progress = start
@@ -143,6 +143,13 @@ class TableStream:
             for start in range(0, len(df), self.chunk_rows):
                 self.progress = min(len(df), start + self.chunk_rows)
                 yield df.iloc[start : start + self.chunk_rows]
+
+
+def _plain_index(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows numbered 0..n-1, as from every other format: a pandas index stored in a Parquet file may repeat
+    values, which breaks row selection later. Named index levels (an `id`) become columns, unnamed ones go."""
+    named = [n for n in df.index.names if n is not None and n not in df.columns]
+    return (df.reset_index(level=named) if named else df).reset_index(drop=True)
 
 
 def stream_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8", chunk_rows: int = 10_000) -> TableStream:
