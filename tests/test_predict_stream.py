@@ -129,3 +129,31 @@ def test_missing_column_names_the_file(predictor: Predictor, tmp_path: Path) -> 
     with pytest.raises(UserError, match=r"in\.csv: no column 'text' \(data\.text_column\); columns present: sentence"):
         predict_file(predictor, inp, tmp_path / "out.csv")
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_first_chunk_of_empty_texts_writes_no_second_header(predictor: Predictor, tmp_path: Path) -> None:
+    df = make_texts(25, seed=9)
+    df.loc[0:9, "text"] = ""  # the whole first chunk (and the start of the second) is empty
+    df.loc[12:14, "text"] = ""
+    inp = write(df, tmp_path / "in.csv")
+    n, _ = predict_file(predictor, inp, tmp_path / "out.csv", chunk_rows=10)
+    lines = (tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()
+    assert n == 12 and len(lines) == 13 and sum(line.startswith("text,") for line in lines) == 1
+    assert pd.read_csv(tmp_path / "out.csv")["text"].tolist() == df["text"].iloc[[10, 11, *range(15, 25)]].tolist()
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_all_texts_empty_gives_a_header_only_file_and_says_why(
+    predictor: Predictor, tmp_path: Path, suffix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    inp = write(pd.DataFrame({"text": [""] * 15, "label": ["food"] * 15}), tmp_path / "in.csv")
+    out = tmp_path / f"out{suffix}"
+    with caplog.at_level(logging.WARNING, logger="textclass"):
+        n, _ = predict_file(predictor, inp, out, chunk_rows=10)
+    assert n == 0
+    if suffix == ".csv":  # the usual columns, no rows: a reader downstream sees an empty table, not a broken file
+        expected = ["text", "label", "score"] + [f"score_{name}" for name in predictor.labels.names]
+        assert out.read_text(encoding="utf-8").splitlines() == [",".join(expected)]
+    else:
+        assert out.read_text(encoding="utf-8") == ""
+    assert "no non-empty text in column 'text'" in caplog.text and "data.text_column" in caplog.text

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 from textclass.errors import UserError
 from textclass.fileio import atomic_write
 from textclass.inference.predictor import Predictor
+
+log = logging.getLogger("textclass")
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -72,23 +75,41 @@ def predict_file(
             for chunk in stream:
                 df, new_unknown = eval_frame(chunk, str(input_path), predictor.cfg.data, predictor.labels, False)
                 unknown.update(dict.fromkeys(new_unknown))
-                pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
-                results = predictor.predict(df["text"].tolist(), pairs, top_k=top_k, threshold=threshold)
-                if fmt == "csv":
-                    predictions_frame(predictor, df, results).to_csv(f, index=False, header=rows == 0)
-                else:
-                    for text, r in zip(df["text"], results):
-                        f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
-                rows += len(df)
+                if len(df):  # a chunk of only empty texts writes nothing, not even a header
+                    pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
+                    results = predictor.predict(df["text"].tolist(), pairs, top_k=top_k, threshold=threshold)
+                    if fmt == "csv":
+                        predictions_frame(predictor, df, results).to_csv(f, index=False, header=rows == 0)
+                    else:
+                        for text, r in zip(df["text"], results):
+                            f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
+                    rows += len(df)
                 bar.total = stream.total
                 bar.update(stream.progress - bar.n)
                 bar.set_postfix(texts=rows, refresh=False)
+            if rows == 0:
+                _no_texts(predictor, input_path, output_path, f if fmt == "csv" else None)
 
     try:
         atomic_write(output_path, write)
     except OSError as err:
         raise UserError(f"{output_path}: cannot write ({err.strerror}); choose a writable --output") from None
     return rows, list(unknown)
+
+
+def _no_texts(predictor: Predictor, input_path: Path, output_path: Path, csv: TextIO | None) -> None:
+    """No text to predict: a CSV still gets its header, so whatever reads it next sees the usual columns;
+    the warning says why it is empty (every text blank: often data.text_column names the wrong column)."""
+    if csv is not None:
+        columns = ["text", "text_pair"] if predictor.cfg.data.text_pair_column else ["text"]
+        predictions_frame(predictor, pd.DataFrame(columns=columns), []).to_csv(csv, index=False)
+    log.warning(
+        "%s: no non-empty text in column %r, nothing to predict; wrote %s to %s (is data.text_column the text?)",
+        input_path,
+        predictor.cfg.data.text_column,
+        "only the header" if csv is not None else "no lines",
+        output_path,
+    )
 
 
 def render_scores(result: dict[str, Any], width: int = 30) -> str:
