@@ -11,7 +11,7 @@ import pytest
 from textclass.config import DataConfig
 from textclass.data.labels import LabelSet
 from textclass.data.prepare import prepare_data, read_eval_data, stratified_split
-from textclass.data.readers import read_table, stream_table
+from textclass.data.readers import first_undecodable, read_table, stream_table
 from textclass.errors import UserError
 
 from conftest import make_texts
@@ -163,9 +163,48 @@ def test_unknown_label_in_test(tmp_path: Path) -> None:
 def test_bad_encoding(tmp_path: Path) -> None:
     p = tmp_path / "latin.csv"
     p.write_bytes("text,label\ncaf\xe9 au lait,a\nna\xefve,b\n".encode("latin-1"))
-    with pytest.raises(UserError, match="latin.csv: not readable as utf-8.*data.encoding"):
+    with pytest.raises(UserError, match=r"latin.csv line 2 column 4: not readable as utf-8 \(byte 0xe9\).*data.encoding"):
         read_table(p)
     assert read_table(p, encoding="latin-1")["text"].tolist() == ["café au lait", "naïve"]
+    with pytest.raises(UserError, match="data.encoding: unknown encoding 'latin-9x'"):
+        read_table(p, encoding="latin-9x")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json"])
+def test_bad_encoding_names_line_and_column_deep_in_the_file(tmp_path: Path, suffix: str) -> None:
+    """pandas reports an offset into its own buffer; the line and column come from the file itself."""
+    df = pd.DataFrame({"text": [f"goal match 学习 {i}" for i in range(20_000)] + ["the café"], "label": "a"})
+    p = write(df, tmp_path / f"d{suffix}")
+    p.write_bytes(p.read_bytes().replace("café".encode(), "café".encode("latin-1")))
+    line = 20_001 + (suffix in (".csv", ".tsv")) - (suffix == ".json") * 20_000  # a JSON array is one line
+    column = len(p.read_bytes().splitlines()[line - 1].split(b"caf")[0].decode()) + 4
+    expected = rf"d{suffix} line {line} column {column}: not readable as utf-8 \(byte 0xe9\)"
+    with pytest.raises(UserError, match=expected):
+        read_table(p)
+    with pytest.raises(UserError, match=expected):
+        list(stream_table(p, chunk_rows=1000))
+
+
+def test_first_undecodable_across_block_edges(tmp_path: Path) -> None:
+    """A character split between two reads is not an error; the column counts characters, not bytes."""
+    p = tmp_path / "d.txt"
+    p.write_bytes("\ufeff学习\nab学\r\nx学".encode() + b"\xff" + "y".encode())
+    for size in range(1, 9):
+        assert first_undecodable(p, "utf-8", block_size=size) == (3, 3, b"\xff")
+    p.write_bytes("学习\n".encode() + "学".encode()[:2])  # cut off in the middle of the last character
+    assert [first_undecodable(p, "utf-8", block_size=size) for size in (1, 4, 64)] == [(2, 1, b"\xe5\xad")] * 3
+    p.write_bytes("学习\n".encode())
+    assert first_undecodable(p, "utf-8", block_size=2) is None
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".json", ".jsonl"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path: Path, suffix: str) -> None:
+    df = make_texts(12)
+    p = write(df, tmp_path / f"d{suffix}")
+    p.write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    for got in (read_table(p), pd.concat(stream_table(p, chunk_rows=5))):
+        assert got.columns.tolist() == ["text", "label"] and got["text"].tolist() == df["text"].tolist()
+    assert read_table(p, encoding="UTF8")["text"].tolist() == df["text"].tolist()  # any spelling of utf-8
 
 
 def test_broken_json_line(tmp_path: Path) -> None:

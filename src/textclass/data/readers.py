@@ -7,6 +7,7 @@ line.
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 from collections.abc import Iterable, Iterator
@@ -46,14 +47,57 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return fmt
 
 
+def text_codec(encoding: str) -> str:
+    """The codec that reads `encoding`: UTF-8 files may start with a byte-order mark (Excel and Notepad write
+    one), which pandas skips in CSV but `json` refuses, so UTF-8 is read as `utf-8-sig` everywhere."""
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise UserError(f"data.encoding: unknown encoding {encoding!r}; use e.g. utf-8, latin-1 or gbk") from None
+    return "utf-8-sig" if name == "utf-8" else encoding
+
+
+def _advance(line: int, column: int, text: str) -> tuple[int, int]:
+    """Line and column (1-based, in characters) just after `text`, starting from `line`, `column`."""
+    newlines = text.count("\n")
+    if newlines:
+        return line + newlines, len(text) - text.rfind("\n")
+    return line, column + len(text)
+
+
+def first_undecodable(p: Path, encoding: str, block_size: int = 1 << 20) -> tuple[int, int, bytes] | None:
+    """Line, column and bytes of the first spot `encoding` cannot decode, or None.
+
+    Found by decoding the file again: the offset in a reader's `UnicodeDecodeError` is relative to its
+    own buffer (pandas reads CSV in blocks), and no reader counts lines for us.
+    """
+    decoder = codecs.getincrementaldecoder(text_codec(encoding))()
+    line, column = 1, 1
+    with p.open("rb") as f:
+        while True:
+            block = f.read(block_size)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                # err.object is the decoder's pending bytes + this block (less a skipped BOM); start indexes it.
+                good = err.object[: err.start].decode(text_codec(encoding), errors="replace")
+                return (*_advance(line, column, good), err.object[err.start : err.end])
+            line, column = _advance(line, column, text)
+            if not block:
+                return None
+
+
 @contextmanager
 def _reading(p: Path, fmt: str, encoding: str) -> Iterator[None]:
     """Turn the ways a file can be unreadable into one-line `UserError`s naming the file."""
     try:
         yield
-    except UnicodeDecodeError as err:
+    except UnicodeDecodeError:
+        spot = first_undecodable(p, encoding) if p.is_file() else None
+        where = f"{p} line {spot[0]} column {spot[1]}" if spot else str(p)
+        byte = f" (byte 0x{spot[2][:1].hex()})" if spot else ""
         raise UserError(
-            f"{p}: not readable as {encoding} (byte {err.start}); set data.encoding (e.g. latin-1, gbk) "
+            f"{where}: not readable as {encoding}{byte}; set data.encoding (e.g. latin-1, gbk) "
             "or re-save the file as UTF-8"
         ) from None
     except pd.errors.ParserError as err:
@@ -80,13 +124,14 @@ def _csv_options(fmt: str, encoding: str) -> dict[str, Any]:
 def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> pd.DataFrame:
     """Read one file (or `save_to_disk` folder) into a DataFrame."""
     p, fmt = _existing(path, fmt)
+    codec = text_codec(encoding)
     with _reading(p, fmt, encoding):
         if fmt in ("csv", "tsv"):
-            return pd.read_csv(p, **_csv_options(fmt, encoding))
+            return pd.read_csv(p, **_csv_options(fmt, codec))
         if fmt == "jsonl":
-            return _read_jsonl(p, encoding)
+            return _read_jsonl(p, codec)
         if fmt == "json":
-            return _read_json(p, encoding)
+            return _read_json(p, codec)
         if fmt == "parquet":
             return _plain_index(pd.read_parquet(p))
         if fmt == "disk":
@@ -112,14 +157,15 @@ class TableStream:
     unit: str = "B"
 
     def __iter__(self) -> Iterator[pd.DataFrame]:
+        codec = text_codec(self.encoding)
         with _reading(self.path, self.format, self.encoding):
             if self.format in ("csv", "tsv", "jsonl"):
                 self.total = self.path.stat().st_size
                 with self.path.open("rb") as raw:
                     chunks = (
-                        _jsonl_chunks(raw, self.path, self.encoding, self.chunk_rows)
+                        _jsonl_chunks(raw, self.path, codec, self.chunk_rows)
                         if self.format == "jsonl"
-                        else pd.read_csv(raw, chunksize=self.chunk_rows, **_csv_options(self.format, self.encoding))
+                        else pd.read_csv(raw, chunksize=self.chunk_rows, **_csv_options(self.format, codec))
                     )
                     for chunk in chunks:
                         self.progress = raw.tell()
