@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -122,6 +123,43 @@ def test_empty_texts_dropped_or_rejected(tmp_path: Path, caplog: pytest.LogCaptu
         prepare_data(DataConfig(train=str(p), empty_texts="error"))
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_numeric_text_column_warns(tmp_path: Path, suffix: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Swapped text and label columns train silently on digits; a warning names the column and the file."""
+    df = make_texts(30)
+    swapped = pd.DataFrame({"text": [i % 2 if suffix != ".csv" else f"{i % 2}.0" for i in range(30)], "label": df["label"]})
+    p = write(swapped, tmp_path / f"d{suffix}")
+    with caplog.at_level(logging.WARNING, logger="textclass"):
+        prepare_data(DataConfig(train=str(p)))
+    assert f"d{suffix}: column 'text' (data.text_column) holds numbers, not text (100% of 30 values" in caplog.text
+    caplog.clear()
+    mixed = df.assign(text=[t if i % 3 else str(i) for i, t in enumerate(df["text"])])  # a third are numbers: fine
+    with caplog.at_level(logging.WARNING, logger="textclass"):
+        prepare_data(DataConfig(train=str(write(mixed, tmp_path / f"ok{suffix}"))))
+    assert "holds numbers" not in caplog.text
+
+
+@pytest.mark.parametrize("empty_texts", ["drop", "error"])
+def test_all_texts_empty_names_the_text_column(tmp_path: Path, empty_texts: str) -> None:
+    df = make_texts(30).assign(notes=None)
+    p = write(df, tmp_path / "d.csv")
+    expected = (
+        r"d.csv: no rows left after dropping empty texts: column 'notes' \(data.text_column\) is empty or null in "
+        r"all 30 rows; set data.text_column to the column that holds the texts \(columns present: text, label, notes\)$"
+    )
+    with pytest.raises(UserError, match=expected):
+        prepare_data(DataConfig(train=str(p), text_column="notes", empty_texts=empty_texts))
+    with pytest.raises(UserError, match=r"column 'notes' \(data.text_pair_column\) is empty or null in all 30"):
+        prepare_data(DataConfig(train=str(p), text_pair_column="notes", empty_texts=empty_texts))
+
+
+def test_empty_pair_texts_are_named_by_their_column(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    df = make_texts(30).assign(other=lambda d: d["text"])
+    df.loc[5, "other"] = ""
+    prepare_data(DataConfig(train=str(write(df, tmp_path / "d.csv")), text_pair_column="other"))
+    assert "1 empty or null text(s) in column 'other' (data rows [6]" in caplog.text
+
+
 # ---- bad input: each a one-line UserError naming the file/line/column/key and the fix -------------
 
 
@@ -143,6 +181,21 @@ def test_misnamed_column_lists_present_ones(tmp_path: Path) -> None:
         prepare_data(DataConfig(train=str(p)))
     with pytest.raises(UserError, match=r"no column 'y' \(data.label_column\)"):
         prepare_data(DataConfig(train=str(p), text_column="sentence", label_column="y"))
+
+
+@pytest.mark.parametrize(
+    ("sep", "name", "hint"),
+    [
+        (";", "d.csv", r"looks like ';'-separated; re-save it with ','"),
+        ("\t", "d.csv", r"looks like tab-separated; rename it to .tsv \(or set data.format: tsv\)"),
+        (",", "d.tsv", r"looks like ','-separated; rename it to .csv \(or set data.format: csv\)"),
+    ],
+)
+def test_wrong_separator_gets_a_hint(tmp_path: Path, sep: str, name: str, hint: str) -> None:
+    p = tmp_path / name
+    make_texts(10).to_csv(p, sep=sep, index=False)
+    with pytest.raises(UserError, match=rf"no column 'label' \(data.label_column\); columns present: text.label; the file {hint}"):
+        prepare_data(DataConfig(train=str(p)))
 
 
 def test_one_class(tmp_path: Path) -> None:

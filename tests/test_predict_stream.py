@@ -157,3 +157,10 @@ def test_all_texts_empty_gives_a_header_only_file_and_says_why(
     else:
         assert out.read_text(encoding="utf-8") == ""
     assert "no non-empty text in column 'text'" in caplog.text and "data.text_column" in caplog.text
+
+
+def test_numeric_texts_warn_once_per_file(predictor: Predictor, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    inp = write(pd.DataFrame({"text": [str(i) for i in range(25)]}), tmp_path / "in.csv")
+    with caplog.at_level(logging.WARNING, logger="textclass"):
+        predict_file(predictor, inp, tmp_path / "out.csv", chunk_rows=10)
+    assert caplog.text.count("in.csv: column 'text' (data.text_column) holds numbers") == 1

@@ -61,31 +61,85 @@ def _raw_splits(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str
     return frames, {k: f"{cfg.dataset}:{k}" for k in frames}
 
 
+# Separators a one-column table's header may hold: the file was split on the wrong one.
+_SEPARATOR_HINTS = {
+    ";": "looks like ';'-separated; re-save it with ',' (e.g. pd.read_csv(path, sep=';').to_csv(new_path, index=False))",
+    "\t": "looks like tab-separated; rename it to .tsv (or set data.format: tsv)",
+    ",": "looks like ','-separated; rename it to .csv (or set data.format: csv)",
+}
+_NUMBER = r"[-+]?(?:\d+(?:[.,]\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+
+
 def check_columns(df: pd.DataFrame, source: str, wanted: dict[str, str | None]) -> None:
-    """Fail with the present columns listed when a configured column is missing."""
+    """Fail with the present columns listed when a configured column is missing, and with the likely
+    separator when the whole header landed in one column."""
     for key, col in wanted.items():
         if col is not None and col not in df.columns:
             present = ", ".join(map(str, df.columns)) or "(none)"
-            raise UserError(f"{source}: no column {col!r} (data.{key}); columns present: {present}")
+            header = str(df.columns[0]) if len(df.columns) == 1 else ""
+            hint = next((f"; the file {h}" for sep, h in _SEPARATOR_HINTS.items() if sep in header), "")
+            raise UserError(f"{source}: no column {col!r} (data.{key}); columns present: {present}{hint}")
 
 
-def clean_texts(df: pd.DataFrame, cfg: DataConfig, source: str) -> pd.DataFrame:
-    """Map text columns to `text`/`text_pair` as strings; drop or reject empty and null texts."""
-    cols = {"text": cfg.text_column}
+def _text_columns(cfg: DataConfig) -> dict[str, tuple[str, str]]:
+    """`text`/`text_pair` -> (configured column, its config key)."""
+    cols = {"text": (cfg.text_column, "text_column")}
     if cfg.text_pair_column:
-        cols["text_pair"] = cfg.text_pair_column
+        cols["text_pair"] = (cfg.text_pair_column, "text_pair_column")
+    return cols
+
+
+def warn_numeric_texts(df: pd.DataFrame, cfg: DataConfig, source: str) -> None:
+    """Warn when a text column holds mostly numbers (swapped text and label columns, an id column): the
+    model would train on digits without a word said."""
+    for col, key in _text_columns(cfg).values():
+        sample = df[col].dropna().head(1000).astype(str).str.strip()
+        sample = sample[sample != ""]
+        share = float(sample.str.fullmatch(_NUMBER).mean()) if len(sample) else 0.0
+        if share > 0.5:
+            log.warning(
+                "%s: column %r (data.%s) holds numbers, not text (%.0f%% of %d values looked at); is it the label "
+                "or an id column? set data.%s to the column that holds the texts",
+                source,
+                col,
+                key,
+                100 * share,
+                len(sample),
+                key,
+            )
+
+
+def clean_texts(df: pd.DataFrame, cfg: DataConfig, source: str, chunk: int | None = None) -> pd.DataFrame:
+    """Map text columns to `text`/`text_pair` as strings; drop or reject empty and null texts.
+
+    `chunk` numbers the chunks of a streamed file (None: the whole file). A whole file with no text left
+    fails: that is a wrongly set column, not data to drop. Numbers are looked for once per file.
+    """
+    if chunk in (None, 0):
+        warn_numeric_texts(df, cfg, source)
     out = pd.DataFrame(index=df.index)
     bad = np.zeros(len(df), dtype=bool)
-    for new, col in cols.items():
+    emptied = []
+    for new, (col, key) in _text_columns(cfg).items():
         values = df[col]
-        null = values.isna().to_numpy()
         texts = values.where(~values.isna(), "").astype(str)
-        bad |= null | (texts.str.strip() == "").to_numpy()
+        empty = values.isna().to_numpy() | (texts.str.strip() == "").to_numpy()
+        if empty.any():
+            emptied.append((col, key, bool(empty.all())))
+        bad |= empty
         out[new] = texts
+    if chunk is None and len(df) and bad.all():
+        col, key = next(((c, k) for c, k, every in emptied if every), emptied[0][:2])
+        raise UserError(
+            f"{source}: no rows left after dropping empty texts: column {col!r} (data.{key}) is empty or null "
+            f"in all {len(df)} rows; set data.{key} to the column that holds the texts "
+            f"(columns present: {', '.join(map(str, df.columns))})"
+        )
     if bad.any():
         start = df.index.start if isinstance(df.index, pd.RangeIndex) else 0  # a chunk of a streamed file
         rows = (np.flatnonzero(bad)[:5] + start + 1).tolist()
-        what = f"{int(bad.sum())} empty or null text(s) in column {cfg.text_column!r} (data rows {rows}...)"
+        where = " or ".join(repr(c) for c, _, _ in emptied)
+        what = f"{int(bad.sum())} empty or null text(s) in column {where} (data rows {rows}...)"
         if cfg.empty_texts == "error":
             raise UserError(f"{source}: {what}; fill or remove them, or set data.empty_texts=drop")
         log.warning("%s: dropped %s", source, what)
@@ -236,14 +290,14 @@ def read_eval_data(path: str, cfg: DataConfig, labels: LabelSet, require_labels:
 
 
 def eval_frame(
-    df: pd.DataFrame, path: str, cfg: DataConfig, labels: LabelSet, require_labels: bool
+    df: pd.DataFrame, path: str, cfg: DataConfig, labels: LabelSet, require_labels: bool, chunk: int | None = None
 ) -> tuple[pd.DataFrame, list[str]]:
-    """`read_eval_data` for a frame already read: a whole file, or one chunk of a streamed one."""
+    """`read_eval_data` for a frame already read: a whole file, or chunk number `chunk` of a streamed one."""
     if require_labels:
         out = load_split(df, cfg, path, labels.multi_label)
     else:
         check_columns(df, path, {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column})
-        out = clean_texts(df, cfg, path)
+        out = clean_texts(df, cfg, path, chunk)
         if cfg.label_column in df.columns:
             out["labels"] = df.loc[out.index, cfg.label_column].map(lambda v: split_label(v, cfg.label_delimiter))
         out = out.reset_index(drop=True)

@@ -72,8 +72,8 @@ def predict_file(
         with tmp.open("w", encoding="utf-8", newline="") as f, tqdm(
             desc="Predicting", unit=stream.unit, unit_scale=stream.unit == "B", disable=None
         ) as bar:
-            for chunk in stream:
-                df, new_unknown = eval_frame(chunk, str(input_path), predictor.cfg.data, predictor.labels, False)
+            for number, chunk in enumerate(stream):
+                df, new_unknown = eval_frame(chunk, str(input_path), predictor.cfg.data, predictor.labels, False, number)
                 unknown.update(dict.fromkeys(new_unknown))
                 if len(df):  # a chunk of only empty texts writes nothing, not even a header
                     pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
