@@ -56,6 +56,20 @@ def test_auto_decides_once_and_saves_the_decision(tmp_path: Path) -> None:
     assert back.tokenize("english words here") == list("englishwordshere")  # no re-decision at predict time
 
 
+def test_second_texts_of_pairs_are_in_the_vocabulary() -> None:
+    """Fitted on the first column alone, every word of a text pair's second column was <unk>."""
+    first = ["good movie", "bad plot", "none"]
+    second = ["这部电影很好看，演员表演非常出色", "剧情太差了，完全看不下去", None]  # a null cell is an empty text
+    joined = TextTokenizer.fit(first + second, "word")  # what training passes: the first texts, then the second
+    assert joined.vocab == TextTokenizer.fit(first, "word", pairs=second).vocab
+    assert all(UNK_ID not in joined.encode(a, b) for a, b in zip(first[:2], second[:2]))
+    assert "剧情太差了" in joined.vocab and "movie" in joined.vocab
+    assert UNK_ID in TextTokenizer.fit(first, "word").encode(first[0], second[0])  # the old, first-column-only fit
+    # auto looks at both columns: mostly CJK once the second texts are counted
+    assert TextTokenizer.fit(first, "auto").kind == "word"
+    assert TextTokenizer.fit(first, "auto", pairs=second).kind == TextTokenizer.fit(first + second, "auto").kind == "char"
+
+
 def test_vocab_order_min_freq_max_vocab() -> None:
     vocab = Vocab.build([["b", "a", "c", "c"], ["a", "b", "d", "<pad>"]], min_freq=2)
     assert vocab.tokens == [*SPECIALS, "a", "b", "c"]  # ties (all 2) alphabetical; d below min_freq

@@ -68,10 +68,11 @@ def _jieba() -> Any:
     return jieba
 
 
-def cjk_share(texts: Iterable[str]) -> float:
+def cjk_share(texts: Iterable[str | None]) -> float:
     """Share of non-space characters that are CJK, over all texts."""
     cjk = total = 0
     for text in texts:
+        text = "" if text is None else str(text)
         total += sum(1 for c in text if not c.isspace())
         cjk += len(_CJK_RE.findall(text))
     return cjk / total if total else 0.0
@@ -111,8 +112,16 @@ class TextTokenizer:
         lowercase: bool = True,
         min_freq: int = 1,
         max_vocab: int | None = None,
+        *,
+        pairs: list[str] | None = None,
     ) -> TextTokenizer:
-        """Decide the kind (for `auto`) and build the vocabulary from the training texts."""
+        """Decide the kind (for `auto`) and build the vocabulary from the training texts.
+
+        A text-pair task passes its second texts as `pairs` (or appended to `texts`): fitted on the first
+        column alone, every word found only in the second would be `<unk>`, and the language guess would
+        ignore half the data.
+        """
+        texts = [*texts, *pairs] if pairs else texts
         resolved = resolve_kind(kind, texts)
         tok = cls(resolved, Vocab(list(SPECIALS)), lowercase, kind)
         tok.vocab = Vocab.build((tok.tokenize(t) for t in texts), min_freq=min_freq, max_vocab=max_vocab)
