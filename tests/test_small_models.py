@@ -109,9 +109,12 @@ def test_ngram_hashing_of_texts_shorter_than_n(n: int) -> None:
     texts = [["w", "学", "x", "😀", "y", "z"][:length] for length in range(n + 1)]
     for text in texts:  # each alone
         assert [g.tolist() for g in batch_word_ngram_buckets([text], n, 1000)] == [_ngram_buckets_loop(text, n, 1000)]
-    for batch in (texts, texts[::-1], texts[:2], [texts[1], texts[0], texts[1]]):  # and in batches
-        got = batch_word_ngram_buckets(batch, n, 1000)
-        assert [g.tolist() for g in got] == [_ngram_buckets_loop(t, n, 1000) for t in batch]
+    for group in (texts, texts[::-1], texts[:2], [texts[1], texts[0], texts[1]]):  # and in batches
+        got = batch_word_ngram_buckets(group, n, 1000)
+        assert [g.tolist() for g in got] == [_ngram_buckets_loop(t, n, 1000) for t in group]
+    tok, cfg, model = built("fasttext", word_ngrams=n)  # what `serve` runs for one short request
+    for text in ["good", "", "good movie"]:
+        assert model(**batch(tok, cfg, [text])).shape == (1, 3)
 
 
 def test_word_ngrams_see_word_order() -> None:
