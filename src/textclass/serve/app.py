@@ -1,6 +1,7 @@
-"""The FastAPI app: classify, labels, health, readiness, metrics, OpenAPI and the web page.
+"""The FastAPI app: classify, labels, health, readiness, metrics, OpenAPI and the web page; the Hugging
+Face-compatible routes are in `hf_api`.
 
-Every answer is JSON with a `detail` that says what went wrong and what to change; no stack trace ever
+Every error is JSON with a `detail` that says what went wrong and what to change; no stack trace ever
 reaches a client (unexpected errors are logged here and answered with a plain 500). Results are decoded by
 the predictor's own `decode`, so they are the ones `textclass predict` prints for the same texts.
 
@@ -20,11 +21,14 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textclass.inference.predictor import BasePredictor
 from textclass.serve import ServeSettings
-from textclass.serve.batcher import BatcherClosed, MicroBatcher
-from textclass.serve.metrics import Metrics, ServerState, ServingMiddleware
+from textclass.serve.batcher import MicroBatcher
+from textclass.serve.hf_api import add_hf_routes
+from textclass.serve.metrics import Metrics, ServerState, ServingMiddleware, error_body
+from textclass.serve.submit import CLIENT_GONE, ClientGone, ErrorBody, submit_texts
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -52,10 +56,6 @@ class LabelsResponse(BaseModel):
 
 class Status(BaseModel):
     status: str
-
-
-class ErrorBody(BaseModel):
-    detail: Any = Field(description="What went wrong and what to change.")
 
 
 def _request_model(settings: ServeSettings, pair_model: bool) -> type[BaseModel]:
@@ -89,7 +89,9 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     state = state or ServerState()
     metrics = Metrics()
     pair_model = predictor.cfg.data.text_pair_column is not None
-    batcher = MicroBatcher(predictor.predict_proba, settings.max_batch_size, settings.max_wait_ms, metrics.observe_batch)
+    batcher = MicroBatcher(
+        predictor.predict_proba, settings.max_batch_size, settings.max_wait_ms, metrics.observe_batch, settings.queue_bound
+    )
     ClassifyRequest = _request_model(settings, pair_model)
 
     @asynccontextmanager
@@ -98,7 +100,10 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
         # One warm-up call: the first call pays for lazy initialisation, which no user request should.
         await batcher.run_in_model_thread(lambda: predictor.predict_proba(["warm up"], ["warm up"] if pair_model else None))
         state.ready = True
-        log.info("ready: %d labels, max batch %d, max wait %g ms", predictor.labels.num_labels, settings.max_batch_size, settings.max_wait_ms)
+        log.info(
+            "ready: %d labels, max batch %d, max wait %g ms, queue bound %d texts",
+            predictor.labels.num_labels, settings.max_batch_size, settings.max_wait_ms, settings.queue_bound,
+        )
         try:
             yield
         finally:
@@ -113,38 +118,53 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
         responses={422: {"model": ErrorBody, "description": "Invalid request"}},
     )
     app.state.settings, app.state.metrics, app.state.server, app.state.batcher = settings, metrics, state, batcher
-    app.add_middleware(ServingMiddleware, metrics=metrics, state=state, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        ServingMiddleware, metrics=metrics, state=state, max_body_bytes=settings.max_body_bytes,
+        read_timeout=settings.read_timeout, batcher=batcher,
+    )
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse(error_body(request.scope["path"], exc.detail), status_code=exc.status_code, headers=exc.headers)
 
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
+        return JSONResponse(error_body(request.scope["path"], _validation_detail(exc)), status_code=422)
+
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=CLIENT_GONE)  # uvicorn drops it: the connection is closed
 
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal server error; the server log has the details"}, status_code=500)
+        detail = "internal server error; the server log has the details"
+        return JSONResponse(error_body(request.scope["path"], detail), status_code=500)
 
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientGone, client_gone)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, unexpected_error)
 
     protected = [Depends(_key_checker(settings.api_key))] if settings.api_key else []
     auth_responses: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody, "description": "Missing or wrong API key"}} if settings.api_key else {}
+    work_responses: dict[int | str, dict[str, Any]] = {
+        **auth_responses,
+        408: {"model": ErrorBody, "description": f"Request body not complete within --read-timeout ({settings.read_timeout:g} s)"},
+        413: {"model": ErrorBody, "description": "Request body too large"},
+        429: {"model": ErrorBody, "description": f"Queue full ({settings.queue_bound} texts waiting); see Retry-After"},
+        503: {"model": ErrorBody, "description": "Shutting down"},
+    }
 
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse,
         response_model_exclude_none=True,
         dependencies=protected,
-        responses={**auth_responses, 413: {"model": ErrorBody, "description": "Request body too large"},
-                   503: {"model": ErrorBody, "description": "Shutting down"}},
+        responses=work_responses,
     )
-    async def classify(body: ClassifyRequest) -> Any:  # type: ignore[valid-type]
+    async def classify(body: ClassifyRequest, request: Request) -> Any:  # type: ignore[valid-type]
         """Labels and ranked class scores for each text, exactly as `textclass predict` gives them."""
         texts, pairs = body.texts, getattr(body, "pairs", None)  # type: ignore[attr-defined]
         if pairs is not None and len(pairs) != len(texts):
             raise HTTPException(422, f"pairs: give one second text per text ({len(texts)}), not {len(pairs)}")
-        try:
-            probs = await batcher.submit(texts, pairs)
-        except BatcherClosed:
-            raise HTTPException(503, "the server is shutting down; retry on another instance") from None
+        probs = await submit_texts(request, batcher, texts, pairs)
         return {"results": predictor.decode(probs, top_k=body.top_k, threshold=body.threshold)}  # type: ignore[attr-defined]
 
     @app.get("/v1/labels", response_model=LabelsResponse, dependencies=protected, responses=auth_responses)
@@ -175,6 +195,8 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    add_hf_routes(app, predictor, batcher, settings, protected, work_responses)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
