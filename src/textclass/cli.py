@@ -175,19 +175,29 @@ def serve(
     max_texts: int = typer.Option(64, min=1, help="Texts per request."),
     max_chars: int = typer.Option(10_000, min=1, help="Characters per text."),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="Request body size in bytes."),
+    max_queue_texts: Optional[int] = typer.Option(
+        None, min=1, help="Texts waiting for the model; beyond, 429 with Retry-After (default: max(4 x batch, 2 x texts))."
+    ),
+    read_timeout: float = typer.Option(30.0, min=0.001, help="Seconds for a request's head, and for its body (408)."),
+    keep_alive_timeout: float = typer.Option(5.0, min=0.001, help="Seconds an idle keep-alive connection stays open."),
     threads: Optional[int] = typer.Option(
         None, min=1, help="Intra-op threads of the model (default: all usable cores)."
     ),
-    graceful_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
+    graceful_timeout: float = typer.Option(
+        30.0, min=0.0, help="Seconds queued requests get after SIGTERM; what still waits then gets 503."
+    ),
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
-    """Serve a model over HTTP: /v1/classify, /docs, /metrics and a web page at /."""
+    """Serve a model over HTTP: /v1/classify, Hugging Face-style POST / and /predict, /info, /docs, /metrics, a web page."""
     from textclass.inference.predictor import BACKENDS
     from textclass.serve import ServeSettings, serve as run_server
 
     if backend not in BACKENDS:  # checked before the port is bound
         raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
-    settings = ServeSettings(max_batch_size, max_wait_ms, max_texts, max_chars, max_body_bytes, api_key or None)
+    settings = ServeSettings(
+        max_batch_size, max_wait_ms, max_texts, max_chars, max_body_bytes, api_key or None,
+        max_queue_texts=max_queue_texts, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
+    )
     run_server(model, host, port, backend, settings, threads, forward_batch_size, graceful_timeout, access_log)
 
 
