@@ -13,6 +13,7 @@ parity check passed, `export.json` last: a failed or interrupted export never le
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -26,7 +27,7 @@ import torch
 from textclass.errors import UserError
 from textclass.export.graph import OUTPUTS, check_model, describe, export_graph
 from textclass.export.optimize import optimize_generic, optimize_transformer, quantize_int8
-from textclass.fileio import write_json
+from textclass.fileio import remove_stale_temps, temp_path, write_json
 from textclass.inference.onnx_backend import (
     EXPORT_FILE,
     ONNX_DIR,
@@ -90,9 +91,53 @@ def _agreement(a: np.ndarray, b: np.ndarray, multi_label: bool, threshold: float
     return float(same.mean())
 
 
+def _is_ours(folder: Path, marker: str, key: str) -> bool:
+    """Whether `folder` holds `marker`, a JSON object with `key`, as written by an export of ours."""
+    try:
+        content = json.loads((folder / marker).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and key in content
+
+
+def check_destination(out_dir: Path, run_dir: Path) -> Path:
+    """The real location of the export folder, after refusing one whose replacement would delete data.
+
+    Refused, with a one-line UserError and before any slow work: the run directory itself, a folder that
+    contains it or lies inside it (other than its `onnx/`), a file, a non-empty folder that is not a previous
+    export, a read-only folder and a mount point. Paths are resolved first, so `RUN/..`, `./` and symlinks
+    are seen for what they are.
+    """
+    try:
+        run, out = run_dir.resolve(), out_dir.resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise UserError(f"{out_dir}: cannot resolve the path ({err}); choose another --output") from None
+    fix = f"leave out --output (the export goes to {run_dir / ONNX_DIR}) or choose a folder outside the run directory"
+    if out == run:
+        raise UserError(f"{out_dir}: is the run directory itself; {fix}")
+    if run.is_relative_to(out):
+        raise UserError(f"{out_dir}: contains the run directory {run_dir}; {fix}")
+    if out.is_relative_to(run) and out != run / ONNX_DIR:
+        raise UserError(f"{out_dir}: is inside the run directory {run_dir}; {fix}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_dir}: is a file; --output names a folder: choose a new or empty one, or a previous export")
+    if out.is_dir():
+        if os.path.ismount(out):
+            raise UserError(f"{out_dir}: is a mount point, which cannot be replaced; choose a folder inside it")
+        if not os.access(out, os.W_OK):
+            raise UserError(f"{out_dir}: the folder is read-only; make it writable (chmod u+w) or choose another --output")
+        if any(out.iterdir()) and not _is_ours(out, EXPORT_FILE, "files"):  # only what an export made itself
+            raise UserError(
+                f"{out_dir}: folder is not empty and not a previous export (no {EXPORT_FILE}); choose a new or empty "
+                "folder for --output, or empty this one yourself"
+            )
+    return out
+
+
 def _prepare_tmp(out_dir: Path) -> Path:
     """A fresh temp folder beside the destination; an unwritable place is a one-line UserError."""
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    remove_stale_temps(out_dir)
+    tmp = temp_path(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
@@ -102,12 +147,22 @@ def _prepare_tmp(out_dir: Path) -> Path:
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` with `tmp` (the old export is removed only once the new one is in place)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{secrets.token_hex(4)}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
+    """Replace `out_dir` with `tmp`; the old export is removed only once the new one is in place, and is put
+    back if the new one cannot be (a one-line UserError)."""
+    remove_stale_temps(out_dir)
+    old = temp_path(out_dir, "old") if out_dir.exists() else None
+    try:
+        if old is not None:
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except OSError as err:
+        kept = ""
+        if old is not None and old.exists() and not out_dir.exists():
+            try:
+                os.replace(old, out_dir)
+            except OSError:
+                kept = f"; the previous export is in {old}"
+        raise UserError(f"{out_dir}: cannot replace it ({err.strerror}){kept}; choose a writable --output") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -140,12 +195,15 @@ def export_onnx(
     out_dir = Path(output) if output is not None else path / ONNX_DIR
     if samples < 1:
         raise UserError(f"samples: {samples} must be at least 1")
-    tmp = _prepare_tmp(out_dir)  # first: an unwritable destination fails before any slow work
+    # First: a destination that must not be replaced, or cannot be written, fails before any slow work.
+    # The work happens at the real location (a symlinked destination keeps its link).
+    dest = check_destination(out_dir, path)
+    tmp = _prepare_tmp(dest)
     try:
         run = load_run(path)
         texts, pairs, y, source = parity_sample(run, data, samples)
-        record = _export_into(run, tmp, out_dir, texts, pairs, y, source, int8, optimize, batch_size, progress)
-        _move_into_place(tmp, out_dir)
+        record = _export_into(run, tmp, dest, texts, pairs, y, source, int8, optimize, batch_size, progress)
+        _move_into_place(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -251,8 +309,9 @@ def _export_into(
     write_json(tmp / PARITY_FILE, parity)
     if parity["fp32_max_abs_diff"] > FP32_TOLERANCE:
         failed = out_dir.with_name(f"{out_dir.name}-failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        os.replace(tmp, failed)
+        if failed.exists() and not _is_ours(failed, PARITY_FILE, "fp32_max_abs_diff"):  # someone else's: kept
+            failed = failed.with_name(f"{failed.name}-{secrets.token_hex(4)}")
+        _move_into_place(tmp, failed)
         raise UserError(
             f"export failed the parity check: fp32 max |delta probability| {parity['fp32_max_abs_diff']:.2e} > "
             f"{FP32_TOLERANCE:.0e} vs PyTorch on {len(texts)} texts; files and {PARITY_FILE} left in {failed}, not used"
