@@ -5,19 +5,41 @@ A `UserError` anywhere below becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 
-from textclass.errors import EXIT_USER_ERROR, UserError
+from typer.exceptions import TyperException
+
+from textclass.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, evaluate and use text classifiers.")
 data_app = typer.Typer(no_args_is_help=True, help="Built-in data sets.")
 app.add_typer(data_app, name="data")
+
+
+def _interruptible(command: Callable[..., None]) -> Callable[..., None]:
+    """Ctrl-C in a command: one line saying what was kept, exit 130.
+
+    Caught here, inside the command, because typer turns a KeyboardInterrupt that reaches it into a bare
+    exit code and drops the message. `Interrupted` carries the command's own account of what it kept.
+    """
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            said = str(err) if isinstance(err, Interrupted) else "stopped before finishing"
+            typer.echo(f"interrupted: {said}", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -36,6 +58,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 @app.command()
+@_interruptible
 def train(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.epochs=2"),
@@ -49,7 +72,7 @@ def train(
 
     overrides = list(set_) + ([f"training.output_dir={output}"] if output else [])
     if resume and config is None and output is not None:
-        from textclass.training.run import load_pending_config
+        from textclass.training.resume import load_pending_config
 
         cfg = build_config(load_pending_config(output), overrides, source=str(output))
     else:
@@ -67,12 +90,13 @@ def train(
 
 
 @app.command()
+@_interruptible
 def evaluate(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     data: Path = typer.Option(..., "--data", "-d", help="Labelled file (same columns as training)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default DIR/eval/<file>)."),
-    batch_size: int = typer.Option(32, help="Texts per batch."),
-    threshold: Optional[float] = typer.Option(None, help="Multi-label threshold (default: the run's)."),
+    batch_size: int = typer.Option(32, min=1, help="Texts per batch."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Multi-label threshold (default: the run's)."),
     backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
     threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
@@ -86,14 +110,15 @@ def evaluate(
 
 
 @app.command()
+@_interruptible
 def predict(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     input: Optional[Path] = typer.Option(None, "--input", help="CSV/TSV/JSON/JSONL/Parquet file of texts."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="CSV or JSONL file to write."),
     interactive: bool = typer.Option(False, "-i", "--interactive", help="Type sentences, see ranked labels."),
-    top_k: Optional[int] = typer.Option(None, help="Keep the k best class scores per text."),
-    threshold: Optional[float] = typer.Option(None, help="Multi-label threshold (default: the run's)."),
-    batch_size: int = typer.Option(32, help="Texts per batch."),
+    top_k: Optional[int] = typer.Option(None, min=1, help="Keep the k best class scores per text."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Multi-label threshold (default: the run's)."),
+    batch_size: int = typer.Option(32, min=1, help="Texts per batch."),
     backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
     threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
@@ -110,13 +135,17 @@ def predict(
         interactive_loop(predictor, top_k=top_k or 5)
         return
     assert input is not None and output is not None
-    n, unknown = predict_file(predictor, input, output, top_k=top_k, threshold=threshold)
+    try:
+        n, unknown = predict_file(predictor, input, output, top_k=top_k, threshold=threshold)
+    except KeyboardInterrupt:
+        raise Interrupted(f"no output was written ({output} is unchanged)") from None
     if unknown:
         typer.echo(f"note: {input} has labels the model does not know: {', '.join(unknown[:10])}", err=True)
     typer.echo(f"wrote {n} predictions to {output}")
 
 
 @app.command()
+@_interruptible
 def info(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
@@ -130,6 +159,7 @@ def info(
 
 
 @app.command()
+@_interruptible
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     int8: bool = typer.Option(False, "--int8", help="Also write a dynamically int8-quantised model (used by default)."),
@@ -219,29 +249,29 @@ def data_export(name: str = typer.Argument(...), directory: Path = typer.Argumen
         typer.echo(str(p))
 
 
+def _usage_error_line(err: TyperException) -> str:
+    """typer's usage error as one line that names the command and where its help is."""
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "textclass"
+    return f"error: {' '.join(err.format_message().split())} (see `{command} --help`)"
+
+
 def main() -> None:
-    """Entry point: run the app, turning UserError into one line and exit code 2."""
+    """Entry point: a user's mistake is one line on stderr and exit code 2, Ctrl-C one line and exit 130."""
     _setup_logging()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(EXIT_USER_ERROR)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except TyperException as err:  # usage errors: unknown option or command, bad or missing value
+        typer.echo(_usage_error_line(err), err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except Exception as err:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(EXIT_USER_ERROR)
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        raise
+        sys.exit(EXIT_INTERRUPTED)
+    if isinstance(code, int) and code:  # typer.Exit(code), e.g. from `_interruptible`
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ message as one line and exits with code 2; it never shows a traceback for these.
 from __future__ import annotations
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class UserError(Exception):
@@ -21,3 +22,14 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command, with what it kept (`--resume` works, or nothing was written).
+
+    Still a KeyboardInterrupt, so Python callers stop as they expect; the CLI prints the message as one
+    line and exits 130.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))

@@ -64,12 +64,12 @@ def load_run(path: str | Path) -> Run:
     p = check_run_dir(path)
     cfg = read_run_config(p)
     labels = LabelSet.load(p / LABELS_FILE)
-    from textclass.models.registry import get_family
+    from textclass.models.registry import MODEL_FILE_ERRORS, get_family
 
     family = get_family(cfg.model.family)
     try:
         model, tokenizer = family.load(cfg.model, p, labels.num_labels, labels.id2label)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except MODEL_FILE_ERRORS as err:
         raise UserError(
             f"{p}: the model files are missing or damaged ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
         ) from None

@@ -105,6 +105,12 @@ class BasePredictor:
 
     def decode(self, probs: np.ndarray, top_k: int | None = None, threshold: float | None = None) -> list[dict[str, Any]]:
         """Per text: the label(s), score and ranked class scores."""
+        from textclass.errors import UserError
+
+        if top_k is not None and top_k < 1:
+            raise UserError(f"top_k: {top_k} must be at least 1 (the number of best class scores to keep)")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise UserError(f"threshold: {threshold} must be between 0 and 1")
         names = self.labels.names
         thr = self.threshold if threshold is None else threshold
         results = []
@@ -180,6 +186,8 @@ def load_predictor(
         raise UserError(f"backend: unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if threads is not None and threads < 1:
         raise UserError(f"threads: {threads} must be a positive number of threads")
+    if batch_size < 1:
+        raise UserError(f"batch_size: {batch_size} must be at least 1 text per batch")
     path = check_run_dir(run_dir)
     if backend != "torch":
 

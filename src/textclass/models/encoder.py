@@ -24,7 +24,7 @@ from torch import nn
 
 from textclass.config import DEFAULT_ENCODER, EncoderModelConfig
 from textclass.errors import UserError
-from textclass.models.registry import Collator, Family, register
+from textclass.models.registry import MODEL_FILE_ERRORS, Collator, Family, register
 
 log = logging.getLogger("textclass")
 
@@ -51,8 +51,8 @@ def _load_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
     path = resolve_model_path(name)
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        hint = "a local folder with config.json" if Path(name).exists() else "a hub model name or a local folder"
+    except MODEL_FILE_ERRORS as err:
+        hint = "a local folder with config.json and intact weights" if Path(name).exists() else "a hub model name or a local folder"
         raise UserError(
             f"model.name {name!r}: cannot load the {what} ({' '.join(str(err).split())[:160]}); use {hint}"
         ) from None

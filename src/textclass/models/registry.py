@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from textclass.errors import UserError
 
 Collator = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+# What reading a damaged or mismatched model folder raises: missing files, bad JSON, truncated or 0-byte
+# safetensors (SafetensorError), shapes that do not fit. Loaders turn these into one-line UserErrors.
+MODEL_FILE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 
 
 class Family(ABC):

@@ -15,20 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from textclass.config import Config, save_config
 from textclass.data.prepare import PreparedData, prepare_data
-from textclass.errors import UserError
-from textclass.inference.predictor import Predictor, probabilities
+from textclass.errors import Interrupted, UserError
+from textclass.inference.predictor import Predictor
 from textclass.models.registry import get_family
 from textclass.fileio import write_json
 from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE
 from textclass.training.losses import make_loss
+from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
 from textclass.training.trainer import build_trainer, tokenize
 
 log = logging.getLogger("textclass")
-PENDING_CONFIG = "textclass_config.yaml"  # inside checkpoints/, so --resume can find the run's config
+MULTI_LABEL_METRICS = {"hamming_loss", "subset_accuracy"}
 
 
 @dataclass
@@ -45,48 +45,52 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{source}-{cfg.model.family}".replace("/", "_")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create, reuse (resume) or clear (overwrite) the run directory, refusing to clobber by accident."""
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Create, reuse (resume) or clear (overwrite) the run directory, refusing to clobber by accident.
+
+    Returns whether this call created the folder (an interrupted run may then remove it again).
+    """
     ckpt = run_dir / "checkpoints"
-    looks_like_run = (run_dir / CONFIG_FILE).exists() or ckpt.exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: is a file, not a folder; choose another --output for the run directory")
     if resume:
-        if not any(ckpt.glob("checkpoint-*")):
-            raise UserError(f"{run_dir}: --resume but no checkpoint there; train without --resume first")
-        return
-    if run_dir.exists() and any(run_dir.iterdir()):
+        if last_complete_checkpoint(run_dir, quiet=True) is None:
+            raise UserError(f"{run_dir}: --resume but no complete checkpoint there; train again without --resume")
+        return False
+    existed = run_dir.exists()
+    if existed and any(run_dir.iterdir()):
+        finished, unfinished = (run_dir / CONFIG_FILE).exists(), pending_config(run_dir).exists()
+        if not finished and not unfinished:
+            raise UserError(f"{run_dir}: not empty and not a textclass run; choose another --output (nothing was changed)")
         if not overwrite:
-            what = "a finished run" if (run_dir / CONFIG_FILE).exists() else "checkpoints of an unfinished run"
-            hint = "--overwrite or another --output" + ("" if what.startswith("a fin") else ", or --resume")
+            what = "a finished run" if finished else "checkpoints of an unfinished run"
+            hint = "--overwrite or another --output" + ("" if finished else ", or --resume")
             raise UserError(f"{run_dir}: already holds {what}; pass {hint}")
-        if not looks_like_run:
-            raise UserError(f"{run_dir}: not empty and not a textclass run; refusing to overwrite it")
         shutil.rmtree(run_dir)
+        existed = False
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"{run_dir}: cannot create the run directory ({err.strerror})") from None
-
-
-def pending_config(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / PENDING_CONFIG
+        raise UserError(f"{run_dir}: cannot create the run directory ({err.strerror}); choose another --output") from None
+    return not existed
 
 
 def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
-    """Train, pick the best checkpoint, evaluate valid/test, and write the run directory."""
+    """Train, keep the best or last weights, evaluate valid/test on them as saved, and write the run directory."""
     from transformers import set_seed
 
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
+    family = get_family(cfg.model.family)
+    resolve_defaults(cfg, family)
+    run_dir = Path(cfg.training.output_dir) if cfg.training.output_dir else default_run_dir(cfg)
+    cfg.training.output_dir = str(run_dir)
+    changes = check_resume_config(run_dir, cfg) if resume else {}
     data = prepare_data(cfg.data)
     _log_data(data)
-    family = get_family(cfg.model.family)
-    if cfg.training.learning_rate is None:  # resolved here, once, so the saved config shows the rate used
-        cfg.training.learning_rate = family.default_learning_rate(cfg.model)
-    if cfg.training.batch_size is None:
-        cfg.training.batch_size = family.default_batch_size(cfg.model)
-    if cfg.training.final_model is None:
-        cfg.training.final_model = "best" if cfg.training.early_stopping_patience else family.default_final_model(cfg.model)
-    tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist())
+    check_metric_fits_task(cfg, data.labels.multi_label)
+    # Small models fit their vocabulary here: on a pair task the second texts' words count too.
+    tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist() + (_pairs(data.train) or []))
     set_seed(cfg.training.seed)
     model = family.build_model(
         cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label, multi_label=data.labels.multi_label
@@ -94,39 +98,72 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     train_labels = np.asarray([data.labels.encode(ls) for ls in data.train["labels"]])
     loss_fn = make_loss(data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights, train_labels)
 
-    run_dir = Path(cfg.training.output_dir) if cfg.training.output_dir else default_run_dir(cfg)
-    cfg.training.output_dir = str(run_dir)
-    prepare_run_dir(run_dir, resume, overwrite)
-    save_config(cfg, pending_config(run_dir))
+    created = prepare_run_dir(run_dir, resume, overwrite)
+    try:
+        save_config(cfg, pending_config(run_dir))
+        train_ds = tokenize(family, tokenizer, cfg, data.train, data.labels)
+        valid_ds = tokenize(family, tokenizer, cfg, data.valid, data.labels)
+        trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints", loss_fn)
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir) if resume else None)
+        _log_kept(trainer, cfg)
+        # Reports come from the weights exactly as saved and loaded back, in fp32 without autocast: what
+        # `evaluate`, `predict` and `serve` will compute, not the training-time (possibly bf16) forward.
+        family.save(trainer.model, tokenizer, cfg.model, run_dir)
+        saved, saved_tokenizer = family.load(cfg.model, run_dir, data.labels.num_labels, data.labels.id2label)
+        predictor = Predictor(saved, saved_tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
+        metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
+        reports = _reports(run_dir, cfg, data, predictor)
+        metrics.update({split: r["metrics"] for split, r in reports.items()})
+        _write_run(run_dir, cfg, data, trainer, metrics)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_message(run_dir, created)) from None
+    return TrainResult(run_dir, metrics, reports)
 
-    key = str(getattr(tokenizer, "name_or_path", ""))
-    train_ds = tokenize(family, tokenizer, cfg, data.train, data.labels, key)
-    valid_ds = tokenize(family, tokenizer, cfg, data.valid, data.labels, key)
-    trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints", loss_fn)
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    model = trainer.model
-    _log_kept(trainer, cfg)
 
-    predictor = Predictor(model, tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
-    metrics: dict[str, Any] = {"train": _train_summary(trainer)}
-    reports: dict[str, dict[str, Any]] = {}
-    valid_probs = _kept_valid_probs(trainer, data.labels.multi_label)
-    if valid_probs is None:  # the kept step was not validated in this process (before a --resume; off-cycle end)
-        valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
+def resolve_defaults(cfg: Config, family: Any) -> None:
+    """Fill the family's defaults in once, so the saved config shows the values used."""
+    t = cfg.training
+    if t.learning_rate is None:
+        t.learning_rate = family.default_learning_rate(cfg.model)
+    if t.batch_size is None:
+        t.batch_size = family.default_batch_size(cfg.model)
+    if t.final_model is None:
+        t.final_model = "best" if t.early_stopping_patience else family.default_final_model(cfg.model)
+
+
+def check_metric_fits_task(cfg: Config, multi_label: bool) -> None:
+    """A multi-label-only `best_metric` on a single-label run fails here, not at the first evaluation."""
+    if not multi_label and cfg.training.best_metric in MULTI_LABEL_METRICS:
+        raise UserError(
+            f"training.best_metric: {cfg.training.best_metric} is a multi-label metric and this run is single-label; "
+            "use accuracy, macro_f1, micro_f1, weighted_f1 or loss"
+        )
+
+
+def _reports(run_dir: Path, cfg: Config, data: PreparedData, predictor: Predictor) -> dict[str, dict[str, Any]]:
+    """Valid (after threshold tuning, which it drives) and test reports of the saved model."""
+    valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
     if data.labels.multi_label and cfg.evaluation.tune_threshold:
         from textclass.evaluation import tune_threshold
 
         y = np.asarray([data.labels.encode(ls) for ls in data.valid["labels"]], dtype=int)
         cfg.evaluation.threshold, f1 = tune_threshold(y, valid_probs)
         log.info("tuned multi-label threshold on valid: %.2f (micro-F1 %.4f)", cfg.evaluation.threshold, f1)
-    reports["valid"] = _report(run_dir / "eval" / "valid", data.valid, valid_probs, predictor)
+    reports = {"valid": _report(run_dir / "eval" / "valid", data.valid, valid_probs, predictor)}
     if data.test is not None:
         test_probs = predictor.predict_proba(data.test["text"].tolist(), _pairs(data.test), progress=True)
         reports["test"] = _report(run_dir / "eval" / "test", data.test, test_probs, predictor)
-    metrics.update({split: r["metrics"] for split, r in reports.items()})
+    return reports
 
-    _write_run(run_dir, cfg, data, family, model, tokenizer, trainer, metrics)
-    return TrainResult(run_dir, metrics, reports)
+
+def _interrupted_message(run_dir: Path, created: bool) -> str:
+    """What an interrupted run kept; a run directory this run made and never checkpointed is removed."""
+    if last_complete_checkpoint(run_dir, quiet=True) is not None:
+        return f"checkpoints kept in {run_dir / 'checkpoints'}; continue with `textclass train --output {run_dir} --resume`"
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return f"stopped before the first checkpoint; nothing was kept ({run_dir} removed)"
+    return f"stopped before the first checkpoint; {run_dir} is as it was"
 
 
 def _kept_step(trainer: Any) -> int:
@@ -143,12 +180,6 @@ def _log_kept(trainer: Any, cfg: Config) -> None:
     if state.best_metric is not None and state.best_global_step:
         best = f" (best valid {cfg.training.best_metric} {state.best_metric:.4f} at step {state.best_global_step})"
     log.info("final_model=%s: keeping step %d of %d%s", cfg.training.final_model, _kept_step(trainer), state.global_step, best)
-
-
-def _kept_valid_probs(trainer: Any, multi_label: bool) -> np.ndarray | None:
-    """The validation probabilities the Trainer computed at the kept step, if it validated there."""
-    logits = trainer.eval_logits.get(_kept_step(trainer))
-    return None if logits is None else probabilities(torch.as_tensor(logits), multi_label).numpy()
 
 
 def _pairs(df: Any) -> list[str] | None:
@@ -189,11 +220,10 @@ def _train_summary(trainer: Any) -> dict[str, Any]:
     }
 
 
-def _write_run(run_dir: Path, cfg: Config, data: PreparedData, family: Any, model: Any, tokenizer: Any, trainer: Any, metrics: dict) -> None:
-    """Weights, tokenizer, logs and reports first; config and labels (the 'finished' marks) last."""
+def _write_run(run_dir: Path, cfg: Config, data: PreparedData, trainer: Any, metrics: dict) -> None:
+    """Logs and reports after the weights; config and labels (the 'finished' marks) last."""
     from textclass.evaluation import plot_training_curves
 
-    family.save(model, tokenizer, cfg.model, run_dir)
     write_json(run_dir / "training_log.json", trainer.state.log_history)
     plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
     write_json(run_dir / "data_audit.json", {"sources": data.sources, **data.audit})
@@ -219,11 +249,3 @@ def _log_data(data: PreparedData) -> None:
             ", ".join(f"{k}: {v}" for k, v in dups.items() if v),
             "" if a["dedup"] else " (set data.dedup=true to drop them)",
         )
-
-
-def load_pending_config(run_dir: Path) -> dict[str, Any]:
-    """The raw config an unfinished run was started with (for `train --resume` without --config)."""
-    p = pending_config(run_dir)
-    if not p.is_file():
-        raise UserError(f"{run_dir}: no unfinished run to resume here (missing {p.name}); pass --config")
-    return yaml.safe_load(p.read_text(encoding="utf-8"))

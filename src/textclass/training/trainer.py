@@ -43,10 +43,6 @@ class ClassifierTrainer(Trainer):
         self.head_lr_scale = head_lr_scale
         # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
-        # Validation logits per global step, in dataset order: the run's final valid report reuses the best
-        # step's instead of predicting the validation set once more.
-        self.eval_logits: dict[int, np.ndarray] = {}
-        self._eval_order: np.ndarray | None = None
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -70,46 +66,21 @@ class ClassifierTrainer(Trainer):
             # Lengths from the packed `length` column: for a dataset that is not a `datasets.Dataset` the
             # Trainer's sampler would build every row to measure its `input_ids`.
             batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return ShuffledLengthGroupedSampler(batch_size, lengths=dataset.lengths)
+            return ShuffledLengthGroupedSampler(batch_size, lengths=dataset.lengths, seed=self.args.data_seed or 0)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):  # any other dataset: the same shuffled grouping
             # `list()`: datasets >= 4 returns `dataset["length"]` as a lazy `Column`, read through Arrow once
             # per example and epoch it cost ~0.2 ms each (14 of 30 s in a fastText run).
             lengths = list(sampler.lengths)
-            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=lengths, generator=sampler.generator)
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=lengths, seed=self.args.data_seed or 0)
         return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
-        """Longest examples first: the least padding, and a fixed order that `evaluation_loop` can undo.
-
-        (The Trainer's own choice under group_by_length is its randomised training sampler.)
-        """
+        """Longest examples first: the least padding. (The Trainer's own choice under group_by_length is its
+        randomised training sampler.) The metrics do not depend on the order."""
         if isinstance(eval_dataset, PackedRows) and eval_dataset.lengths:
-            lengths = eval_dataset.lengths
-        elif "length" in getattr(eval_dataset, "column_names", ()):
-            lengths = list(eval_dataset["length"])
-        else:
-            self._eval_order = None
-            return super()._get_eval_sampler(eval_dataset)
-        self._eval_order = np.argsort(-np.asarray(lengths), kind="stable")
-        return self._eval_order.tolist()
-
-    def evaluation_loop(
-        self,
-        dataloader: Any,
-        description: str,
-        prediction_loss_only: bool | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> Any:
-        out = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        order = self._eval_order
-        keep = metric_key_prefix == "eval" and isinstance(out.predictions, np.ndarray)
-        if keep and order is not None and len(out.predictions) == len(order):
-            logits = np.empty_like(out.predictions)
-            logits[order] = out.predictions
-            self.eval_logits[self.state.global_step] = logits
-        return out
+            return np.argsort(-np.asarray(eval_dataset.lengths), kind="stable").tolist()
+        return super()._get_eval_sampler(eval_dataset)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's AdamW, plus `RowWiseAdagrad` for sparse embeddings (fastText's hashed table).
@@ -182,11 +153,25 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
     0.6736 for random batches, for 15% more padding than these groups.
     """
 
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer (through accelerate) before each epoch, also the one a --resume re-enters."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[int]:
-        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        # Each epoch's order is a function of (seed, epoch) alone, never of the global RNG: a run resumed
+        # mid-epoch replays exactly the batches the uninterrupted run saw (HF's sampler draws from the global
+        # RNG, whose state at a resumed epoch's start differs from the uninterrupted run's).
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
         batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         last = [batches.pop()] if len(batches) > 1 and len(batches[-1]) < self.batch_size else []
-        middle = torch.randperm(len(batches) - 1, generator=self.generator).tolist() if batches else []
+        middle = torch.randperm(len(batches) - 1, generator=generator).tolist() if batches else []
         order = batches[:1] + [batches[1 + i] for i in middle] + last
         return iter([i for batch in order for i in batch])
 
@@ -233,13 +218,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TEXTCLASS_CACHE", Path.home() / ".cache" / "textclass"))
 
 
-def tokenize(
-    family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labels: LabelSet | None, key_extra: str = ""
-) -> Any:
+# Bump when the way texts become ids changes in a way the version and the family's source would not show.
+ENCODING_VERSION = 2
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The tokenizer's full state as text: vocabulary, normalisation, special tokens, truncation rules.
+
+    A path or hub name is not enough: a model folder can be replaced in place, and then cached ids are stale.
+    """
+    if hasattr(tokenizer, "to_dict"):  # our small-model tokenizer
+        return json.dumps(tokenizer.to_dict(), ensure_ascii=False, sort_keys=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # every fast (Rust) HF tokenizer
+    state = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = {k: str(getattr(tokenizer, k, None)) for k in ("padding_side", "truncation_side", "all_special_tokens")}
+    return state + json.dumps(extra, sort_keys=True)
+
+
+def _encoding_code_version(family: Family) -> str:
+    """textclass's version, ENCODING_VERSION and the family module's source, so changed code re-tokenizes."""
+    import inspect
+
+    from textclass import __version__
+
+    try:
+        source = inspect.getsource(inspect.getmodule(type(family)))  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        source = ""
+    return f"{__version__}/{ENCODING_VERSION}/{hashlib.sha256(source.encode()).hexdigest()}"
+
+
+def tokenize(family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labels: LabelSet | None) -> Any:
     """Tokenize a split once into an Arrow-backed `datasets.Dataset`, cached on disk by content.
 
-    The cache key covers the model section (tokenizer and max length), the texts and the tokenizer's own
-    state, so a changed vocabulary or length never reuses stale ids.
+    The cache key covers the model section (tokenizer and max length), the texts, the tokenizer's own
+    state and the version of the encoding code, so a changed vocabulary, length, model folder or textclass
+    never reuses stale ids.
     """
     import datasets
 
@@ -247,7 +261,8 @@ def tokenize(
     pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
     h = hashlib.sha256()
     h.update(cfg.model.model_dump_json().encode())
-    h.update(key_extra.encode())
+    h.update(_encoding_code_version(family).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps([texts, pairs], ensure_ascii=False).encode())
     folder = cache_dir() / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
