@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -65,12 +66,16 @@ def client(predictor: Predictor, **settings: Any) -> Iterator[TestClient]:
 
 
 @contextlib.contextmanager
-def running_server(app: Any) -> Iterator[str]:
-    """A real uvicorn server in a thread on a free loopback port; yields its base URL."""
-    import uvicorn
+def running_server(app: Any, graceful_timeout: float = 10.0, servers: list | None = None) -> Iterator[str]:
+    """A real uvicorn server, configured as `textclass serve` configures it, in a thread on a free loopback
+    port; yields its base URL (and appends the server to `servers`, for a test that shuts it down itself)."""
+    from textclass.serve.server import DrainingServer, uvicorn_config
 
     sock = bind_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn_config(app, app.state.settings, graceful_timeout, log_level="warning")
+    server = DrainingServer(config, app.state.server, app.state.batcher, graceful_timeout)
+    if servers is not None:
+        servers.append(server)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -83,6 +88,22 @@ def running_server(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(60)
         sock.close()
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response with a Content-Length, read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of a response"
+        body += chunk
+    return int(head.split()[1]), body
 
 
 def metric(text: str, name: str) -> float:
@@ -352,6 +373,8 @@ def test_cli_serve_user_errors(tmp_path: Path, serve_run: Path) -> None:
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_run: Path, predictor: Predictor) -> None:
+    """Drain: queued requests finish, a request on an idle keep-alive connection gets 503 (it is not just
+    closed), and the log has one summary line and no traceback."""
     cmd = [sys.executable, "-m", "textclass.cli", "serve", "--model", str(serve_run), "--port", "0",
            "--max-wait-ms", "1500", "--max-batch-size", "64", "--api-key", "k"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -376,6 +399,10 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_run: Pat
             with httpx.Client(base_url=url, timeout=60, headers={"X-API-Key": "k"}) as c:
                 results[i] = c.post("/v1/classify", json={"texts": texts[i]})
 
+        host, port = url.removeprefix("http://").split(":")
+        idle = socket.create_connection((host, int(port)), timeout=10)  # keep-alive, idle when SIGTERM arrives
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(idle)[0] == 200
         threads = [threading.Thread(target=send, args=(i,)) for i in range(len(texts))]
         for t in threads:
             t.start()
@@ -386,11 +413,20 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_run: Pat
         http.close()
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.05)
+        refused = 1
         try:  # in the moment between the signal and closing the socket, new work gets 503
             late = httpx.post(url + "/v1/classify", json={"texts": ["x"]}, headers={"X-API-Key": "k"}, timeout=10)
             assert late.status_code == 503 and "shutting down" in late.json()["detail"]
+            refused += 1
         except httpx.ConnectError:
             pass
+        time.sleep(0.3)  # uvicorn would have closed the idle connection by now (it checks for exit every 0.1 s)
+        body = b'{"texts": ["x"]}'
+        idle.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nX-API-Key: k\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        status, answer = read_response(idle)
+        assert status == 503 and "shutting down" in json.loads(answer)["detail"]
+        idle.close()
         for t in threads:
             t.join(60)
         for i, req in enumerate(texts):
@@ -401,8 +437,12 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(serve_run: Pat
         with pytest.raises(httpx.ConnectError):
             httpx.get(url + "/health", timeout=5)
         proc.wait(60)
-        assert proc.returncode in (0, -signal.SIGTERM), proc.stderr.read()  # type: ignore[union-attr]
-        assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+        log = proc.stderr.read()  # type: ignore[union-attr]
+        assert proc.returncode in (0, -signal.SIGTERM), log
+        assert "Traceback" not in log
+        assert [line for line in log.splitlines() if "draining:" in line] == [
+            f"INFO draining: {len(texts)} requests finished, {refused} refused"
+        ], log
     finally:
         if proc.poll() is None:
             proc.kill()

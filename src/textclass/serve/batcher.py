@@ -85,7 +85,8 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._closing = False
+        self._accepting = False  # submit takes work
+        self._closing = False  # stop(): run what is left without waiting for company, then end
 
     @property
     def queued_texts(self) -> int:
@@ -104,7 +105,7 @@ class MicroBatcher:
         """Start the collecting task and the single model thread (call from the running event loop)."""
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="textclass-model")
-        self._closing = False
+        self._accepting, self._closing = True, False
         self._task = asyncio.create_task(self._run(), name="textclass-batcher")
 
     async def run_in_model_thread(self, fn: Callable[[], object]) -> object:
@@ -118,7 +119,7 @@ class MicroBatcher:
         Raises `QueueFull` when the texts do not fit in the queue and `BatcherClosed` when shutting down.
         Cancelling the caller takes its texts that are still waiting out of the queue.
         """
-        if self._closing or self._task is None or self._wakeup is None:
+        if not self._accepting or self._wakeup is None:
             raise BatcherClosed("the server is shutting down")
         if self.max_queue_texts is not None and self._queued + len(texts) > self.max_queue_texts:
             raise QueueFull(self._queued, self.max_queue_texts, self.retry_after())
@@ -137,10 +138,8 @@ class MicroBatcher:
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def close(self) -> None:
-        """Refuse new work and run what is queued without waiting for company (nothing more is coming)."""
-        self._closing = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        """Refuse new work (`BatcherClosed`); what is queued runs as it would have."""
+        self._accepting = False
 
     def refuse_waiting(self) -> int:
         """Fail every chunk still waiting with `BatcherClosed` (shutdown ran out of time); returns how many."""
@@ -153,8 +152,10 @@ class MicroBatcher:
         return refused
 
     async def stop(self) -> None:
-        """Refuse new work, finish everything already queued, then stop the model thread."""
-        self.close()
+        """Refuse new work, finish everything already queued without waiting for company, then stop the model thread."""
+        self._accepting, self._closing = False, True
+        if self._wakeup is not None:
+            self._wakeup.set()
         if self._task is not None:
             await self._task
             self._task = None

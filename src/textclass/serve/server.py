@@ -96,7 +96,7 @@ class DrainingServer(uvicorn.Server):
             server.close()
         for sock in sockets or []:
             sock.close()
-        self.batcher.close()  # new work gets 503; queued work runs without waiting for company
+        self.batcher.close()  # new work gets 503; queued work runs as it would have
         deadline = time.monotonic() + self.graceful_timeout
         while self.server_state.tasks and time.monotonic() < deadline and not self.force_exit:
             await asyncio.sleep(0.05)

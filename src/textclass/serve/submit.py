@@ -44,12 +44,12 @@ async def _unless_disconnected(request: Request, work: Any) -> Any:
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnect(request))
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if not task.done():
             task.cancel()  # cancels the batcher's futures: the texts leave the queue
-    if task.cancelled():
+    if task not in done:
         raise ClientGone()
     return task.result()
 
