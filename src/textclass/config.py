@@ -214,6 +214,10 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = msg.replace("Input should be", "must be")
     elif e["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")  # our validators' own words
+    elif e["type"] == "union_tag_invalid":  # model.family names no family
+        ctx = e.get("ctx", {})
+        key = f"{key}.{str(ctx.get('discriminator', 'family')).strip(chr(39))}"
+        msg = f"unknown family {ctx.get('tag')!r}; must be one of {ctx.get('expected_tags')}"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: bad config key `{key}`: {msg}{more}"
 

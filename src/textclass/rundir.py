@@ -25,6 +25,8 @@ if TYPE_CHECKING:  # torch is imported by `load_run` only: the ONNX backend chec
 CONFIG_FILE = "config.yaml"
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
+CHECKPOINTS_DIR = "checkpoints"
+PENDING_CONFIG = "textclass_config.yaml"  # inside checkpoints/: the config an unfinished run started with
 
 
 @dataclass
@@ -42,11 +44,14 @@ class Run:
 def check_run_dir(path: str | Path) -> Path:
     """The path, if it is a finished run directory; else a one-line error saying what is missing."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{p}: is a file; pass the run directory `textclass train` wrote (e.g. runs/NAME)")
     if not p.is_dir():
         raise UserError(f"{p}: no such run directory; pass the folder `textclass train` wrote (e.g. runs/NAME)")
     missing = [f for f in (CONFIG_FILE, LABELS_FILE) if not (p / f).is_file()]
     if missing:
-        hint = " (training may not have finished; resume with `textclass train --resume`)" if (p / "checkpoints").is_dir() else ""
+        unfinished = (p / CHECKPOINTS_DIR / PENDING_CONFIG).is_file()
+        hint = f" (training did not finish; continue it with `textclass train --output {p} --resume`)" if unfinished else ""
         raise UserError(f"{p}: not a textclass run directory, missing {', '.join(missing)}{hint}")
     return p
 

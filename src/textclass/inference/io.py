@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,13 +21,25 @@ log = logging.getLogger("textclass")
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
-def _output_format(path: Path) -> str:
+def _output_format(path: Path, input_path: Path) -> str:
+    """The output's format, after refusing outputs that cannot be right: the input file itself (also through
+    a symlink, `..` or a hard link), a folder, a missing folder, an unknown extension."""
     fmt = OUTPUT_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise UserError(f"{path}: unknown output format {path.suffix!r}; use a .csv or .jsonl file name")
     if not path.parent.exists():
         raise UserError(f"{path}: folder {path.parent} does not exist; create it or choose another --output")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name such as {path / 'predictions.csv'}")
+    if _same_file(path, input_path):
+        raise UserError(f"{path}: is the input file; writing there would destroy it, choose another --output")
     return fmt
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def predictions_frame(predictor: Predictor, df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
@@ -62,7 +75,7 @@ def predict_file(
     from textclass.data.prepare import eval_frame
     from textclass.data.readers import stream_table
 
-    fmt = _output_format(output_path)
+    fmt = _output_format(output_path, input_path)
     stream = stream_table(input_path, "auto", predictor.cfg.data.encoding, chunk_rows=chunk_rows)
     rows = 0
     unknown: dict[str, None] = {}  # ordered set: first seen first

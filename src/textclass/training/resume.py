@@ -24,9 +24,9 @@ import yaml
 
 from textclass.config import Config
 from textclass.errors import UserError
+from textclass.rundir import CHECKPOINTS_DIR, CONFIG_FILE, PENDING_CONFIG
 
 log = logging.getLogger("textclass")
-PENDING_CONFIG = "textclass_config.yaml"  # inside checkpoints/, so --resume can find the run's config
 TRAINER_STATE = "trainer_state.json"  # the Trainer's last write into a checkpoint
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -50,14 +50,14 @@ ONLY_GROW = {"training.epochs", "training.max_steps"}
 
 
 def pending_config(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / PENDING_CONFIG
+    return run_dir / CHECKPOINTS_DIR / PENDING_CONFIG
 
 
 def load_pending_config(run_dir: Path) -> dict[str, Any]:
     """The raw config an unfinished run was started with (for `train --resume` without --config)."""
     p = pending_config(run_dir)
     if not p.is_file():
-        if (run_dir / "config.yaml").is_file():
+        if (run_dir / CONFIG_FILE).is_file():
             raise UserError(f"{run_dir}: this run finished; nothing to resume (start a new one with --overwrite or another --output)")
         raise UserError(f"{run_dir}: no unfinished run to resume here (no checkpoints/{p.name}); train without --resume")
     try:
@@ -124,7 +124,7 @@ def last_complete_checkpoint(run_dir: Path, quiet: bool = False) -> str | None:
     Removing them (they are this run's own half-written saves) keeps the Trainer from later writing a
     checkpoint of the same step over stale files, or rotating away the complete one it resumed from.
     """
-    folder = run_dir / "checkpoints"
+    folder = run_dir / CHECKPOINTS_DIR
     found = sorted(
         ((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else []) if (m := _CHECKPOINT.match(p.name)) and p.is_dir()),
         reverse=True,

@@ -22,7 +22,7 @@ from textclass.errors import Interrupted, UserError
 from textclass.inference.predictor import Predictor
 from textclass.models.registry import get_family
 from textclass.fileio import write_json
-from textclass.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE
+from textclass.rundir import CHECKPOINTS_DIR, CONFIG_FILE, LABELS_FILE, METRICS_FILE
 from textclass.training.losses import make_loss
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
 from textclass.training.trainer import build_trainer, tokenize
@@ -50,7 +50,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
 
     Returns whether this call created the folder (an interrupted run may then remove it again).
     """
-    ckpt = run_dir / "checkpoints"
+    ckpt = run_dir / CHECKPOINTS_DIR
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: is a file, not a folder; choose another --output for the run directory")
     if resume:
@@ -103,7 +103,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         save_config(cfg, pending_config(run_dir))
         train_ds = tokenize(family, tokenizer, cfg, data.train, data.labels)
         valid_ds = tokenize(family, tokenizer, cfg, data.valid, data.labels)
-        trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / "checkpoints", loss_fn)
+        trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir) if resume else None)
         _log_kept(trainer, cfg)
         # Reports come from the weights exactly as saved and loaded back, in fp32 without autocast: what
@@ -229,7 +229,7 @@ def _write_run(run_dir: Path, cfg: Config, data: PreparedData, trainer: Any, met
     write_json(run_dir / "data_audit.json", {"sources": data.sources, **data.audit})
     write_json(run_dir / METRICS_FILE, metrics)
     if not cfg.training.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     data.labels.save(run_dir / LABELS_FILE)
     save_config(cfg, run_dir / CONFIG_FILE)
 
