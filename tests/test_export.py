@@ -277,3 +277,25 @@ def test_prefix_encoding_gives_the_full_texts_ids(tiny_bert: Path, tmp_path: Pat
             for i, want in enumerate(enc.tok.encode_batch(texts)):
                 assert got["input_ids"][i] == want.ids, (file.name, max_length, i)
                 assert got["attention_mask"][i] == want.attention_mask
+
+
+def test_fasttext_export_keeps_only_the_rows_in_use(tmp_path: Path) -> None:
+    """fastText's hashed table is mostly zero rows; the export holds the rows in use (as the run directory
+    does), maps every other id to one zero row, and int8 stores the table per row in int8."""
+    from textclass import api
+
+    model = {"family": "small", "arch": "fasttext", "embedding_dim": 16, "buckets": 200_000, "word_ngrams": 2, "minn": 2, "maxn": 3}
+    run_dir = _train({"data": {k: str(v) for k, v in _files(tmp_path).items()}, "model": model,
+                      "training": {"output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 16}})
+    record = api.export(run_dir, int8=True)
+    weights = (run_dir / "model.safetensors").stat().st_size
+    fp32, int8 = ((run_dir / "onnx" / f).stat().st_size for f in ("model.onnx", "model.int8.onnx"))
+    assert fp32 < 2 * weights < 200_000 * 16 * 4 / 10, (fp32, weights)  # the dense table alone: 12.8 MB
+    assert int8 < 0.6 * fp32, (int8, fp32)
+    assert record["quantization"]["per_channel"] and record["parity"]["int8_agreement"] == 1.0
+    # Unseen words and n-grams (ids of rows not in the file) among seen ones, any batch size.
+    texts = PROBE + ["zqx vwk match", "qqq", "goal zzzzzz team"] + make_texts(37, seed=5)["text"].tolist()
+    ref = _probs(run_dir, "torch", texts)
+    for bs in (1, 7, 64):
+        assert np.abs(_probs(run_dir, "onnx", texts, variant="fp32", batch_size=bs) - ref).max() <= 1e-4
+        assert np.abs(_probs(run_dir, "onnx", texts, variant="int8", batch_size=bs) - ref).max() <= 1e-2

@@ -12,6 +12,9 @@ optimizer fuses (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormaliz
 fails on the data-dependent packing; the TorchScript trace of `nn.MultiheadAttention` bakes the example's
 batch x heads into a Reshape, so the small Transformer (and only it) goes through `dynamo=True`
 (torch.export with symbolic batch/sequence dimensions; needs onnxscript).
+
+A model may provide its own export form (`onnx_module(int8)`): fastText exports only the rows of its hashed
+table in use (the dense table was a 990 MB file for bbc-news) and gives its int8 graph itself.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from torch import nn
 log = logging.getLogger("textclass")
 
 OPSET = 17  # TorchScript exporter; the dynamo exporter needs >= 18
+# LabelEncoder with int64 keys (fastText's row lookup) needs ai.onnx.ml 2; graphs without ml ops don't import it.
+CUSTOM_OPSETS = {"ai.onnx.ml": 2}
 OUTPUTS = ["logits", "probabilities"]
 
 
@@ -44,6 +49,13 @@ class GraphSpec:
     layout: str  # "padded" or "bags"
     exporter: str  # "torchscript" or "dynamo"
     opset: int
+    quantization: dict[str, Any] | None = None  # how the model quantised itself (`int8=True`)
+
+
+def quantizes_itself(model: nn.Module) -> bool:
+    """Whether the model has its own export form (`onnx_module(int8)`), which also gives its int8 graph;
+    other models are exported as they are and quantised by onnxruntime."""
+    return callable(getattr(model, "onnx_module", None))
 
 
 class _Head(nn.Module):
@@ -103,10 +115,18 @@ def export_graph(
     multi_label: bool,
     path: Path,
     max_length: int,
+    int8: bool = False,
 ) -> GraphSpec:
-    """Write `model` to `path` as ONNX with dynamic batch/sequence axes."""
+    """Write `model` to `path` as ONNX with dynamic batch/sequence axes.
+
+    A model with its own export form (`quantizes_itself`) is traced through it; `int8` asks it for its int8 form.
+    """
     names, layout = graph_inputs(family_name, arch, sample_batch)
-    head = _Head(model.eval(), names, multi_label).eval()
+    if int8 and not quantizes_itself(model):
+        raise ValueError("int8 graphs of this model come from onnxruntime's quantisation of the fp32 graph")
+    module = model.onnx_module(int8=int8) if quantizes_itself(model) else model
+    quantization = getattr(module, "quantization", None) if int8 else None
+    head = _Head(module.eval(), names, multi_label).eval()
     args = tuple(sample_batch[n] for n in names)
     use_dynamo = family_name == "small" and arch == "transformer"
     export = functools.partial(torch.onnx.export, head, args, str(path), input_names=names, output_names=OUTPUTS)
@@ -122,7 +142,7 @@ def export_graph(
                 external_data=False,
                 verbose=False,
             )
-            return GraphSpec(names, layout, "dynamo", 18)
+            return GraphSpec(names, layout, "dynamo", 18, quantization)
         if layout == "bags":
             axes = {"input_ids": {0: "features"}, "offsets": {0: "batch"}}
         else:
@@ -133,9 +153,10 @@ def export_graph(
                 dynamic_axes=axes,
                 opset_version=OPSET,
                 do_constant_folding=True,
+                custom_opsets=CUSTOM_OPSETS,
                 dynamo=False,
             )
-    return GraphSpec(names, layout, "torchscript", OPSET)
+    return GraphSpec(names, layout, "torchscript", OPSET, quantization)
 
 
 @contextlib.contextmanager

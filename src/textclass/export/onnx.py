@@ -1,18 +1,22 @@
 """`textclass export`: run directory -> ONNX model(s) + parity check, written into `RUN_DIR/onnx/`.
 
 Steps: load the run (weights, tokenizer, labels) -> export the graph with dynamic axes (`graph.py`) ->
-optionally fuse it (`--optimize`) and quantise it (`--int8`) (`optimize.py`) -> parity check on a sample of
+optionally fuse it (`--optimize`) and quantise it (`--int8`: onnxruntime's dynamic quantisation in
+`optimize.py`, or the model's own int8 form where it has one, as fastText does) -> parity check on a sample of
 validation texts through the same `predict_proba` path `textclass predict` uses (torch backend vs onnx
 backend): fp32 max |delta probability| must be <= 1e-4 or the export fails; for int8 the top-1
 agreement and the accuracy change are reported, with a warning below 99% agreement.
 
 Everything is written into a temporary folder next to the destination and moved into place only after the
 parity check passed, `export.json` last: a failed or interrupted export never leaves a half-written
-`onnx/` that the `auto` backend would pick up.
+`onnx/` that the `auto` backend would pick up. The destination is replaced only if it is empty or a previous
+export (`check_destination`, before any slow work). A killed export's temp folders carry its pid and are
+removed by the next export to the same place.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from textclass.errors import UserError
-from textclass.export.graph import OUTPUTS, check_model, describe, export_graph
+from textclass.export.graph import OUTPUTS, GraphSpec, check_model, describe, export_graph, quantizes_itself
 from textclass.export.optimize import optimize_generic, optimize_transformer, quantize_int8
 from textclass.fileio import remove_stale_temps, temp_path, write_json
 from textclass.inference.onnx_backend import (
@@ -175,6 +179,26 @@ def _attention_shape(model: torch.nn.Module) -> tuple[int, int]:
     return 0, 0  # onnxruntime detects them from the graph
 
 
+def _write_graph(run: Run, example: dict[str, torch.Tensor], dst: Path, optimize: bool, int8: bool = False) -> tuple[GraphSpec, dict[str, int]]:
+    """Export the run's model (its int8 form with `int8`) to `dst`, graph-optimised with `optimize`; returns
+    the graph's spec and the fused-operator counts."""
+    cfg, family = run.cfg, run.family
+    raw = dst.with_name(f"{dst.stem}.unoptimized.onnx") if optimize else dst
+    arch = getattr(cfg.model, "arch", None)
+    spec = export_graph(run.model, family.name, arch, example, run.labels.multi_label, raw, cfg.model.max_length, int8)
+    check_model(raw)
+    fused: dict[str, int] = {}
+    if optimize:
+        log.info("optimising the graph")
+        if family.name == "encoder":
+            heads, hidden = _attention_shape(run.model)
+            fused = optimize_transformer(raw, dst, heads, hidden)
+        else:
+            fused = optimize_generic(raw, dst)
+        raw.unlink()
+    return spec, fused
+
+
 def _size_mb(path: Path) -> float:
     return round(path.stat().st_size / 2**20, 2)
 
@@ -227,7 +251,6 @@ def _export_into(
     cfg, labels, family = run.cfg, run.labels, run.family
     multi, threshold = labels.multi_label, cfg.evaluation.threshold
     torch_pred = Predictor(run.model, run.tokenizer, family, cfg, labels, batch_size=batch_size)
-    arch = getattr(cfg.model, "arch", None)
 
     # Example batch for the exporter: two real texts of different lengths, so padding is in the trace.
     by_len = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -236,20 +259,9 @@ def _export_into(
         torch_pred._encode([texts[i] for i in pick], [pairs[i] for i in pick] if pairs else None)
     )
     fp32 = tmp / FP32_FILE
-    raw = tmp / "model.unoptimized.onnx" if optimize else fp32
     log.info("exporting the %s graph (dynamic batch and sequence axes)", cfg.model.family)
-    spec = export_graph(run.model, family.name, arch, example, multi, raw, cfg.model.max_length)
-    check_model(raw)
-    fused: dict[str, int] = {}
-    if optimize:
-        log.info("optimising the graph")
-        if family.name == "encoder":
-            heads, hidden = _attention_shape(run.model)
-            fused = optimize_transformer(raw, fp32, heads, hidden)
-        else:
-            fused = optimize_generic(raw, fp32)
-        raw.unlink()
-
+    write = functools.partial(_write_graph, run, example, optimize=optimize)
+    spec, fused = write(fp32)
     record: dict[str, Any] = {
         "format_version": 1,
         "files": {"fp32": FP32_FILE},
@@ -291,7 +303,10 @@ def _export_into(
     sizes = {"fp32": _size_mb(fp32)}
     if int8:
         log.info("quantising to int8")
-        record["quantization"] = quantize_int8(fp32, tmp / INT8_FILE)
+        if quantizes_itself(run.model):  # fastText: per-row int8 table, exported by the model itself
+            record["quantization"] = write(tmp / INT8_FILE, int8=True)[0].quantization
+        else:
+            record["quantization"] = quantize_int8(fp32, tmp / INT8_FILE)
         record["files"]["int8"] = INT8_FILE
         sizes["int8"] = _size_mb(tmp / INT8_FILE)
         p8 = onnx_probs(INT8_FILE, "int8")
