@@ -65,7 +65,7 @@ def test_shapes_scores_and_top_k(predictor: Predictor) -> None:
         # `/predict`: TEI's shape, a flat list for a single input.
         assert c.post("/predict", json={"inputs": TEXTS[0]}).json() == ranked(probs[:1], names)[0]
         assert c.post("/predict", json={"inputs": TEXTS[:3]}).json() == ranked(probs, names)
-        body = {"inputs": TEXTS[:3], "parameters": {"top_k": 2, "function_to_apply": "softmax"}, "options": {"wait_for_model": True}}
+        body = {"inputs": TEXTS[:3], "parameters": {"top_k": 2, "function_to_apply": "softmax"}, "options": {"use_cache": False}}
         assert c.post("/", json=body).json() == ranked(probs, names, top_k=2)
         r = c.post("/", json={"inputs": "x", "parameters": {"function_to_apply": "sigmoid"}})
         assert r.status_code == 422 and "'sigmoid' needs cannot be recovered; use 'softmax'" in r.json()["detail"]

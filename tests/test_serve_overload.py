@@ -194,7 +194,7 @@ def test_a_failing_text_fails_only_its_request(predictor: Predictor, caplog: pyt
     assert answers[1].json() == {"detail": "internal server error; the server log has the details"}
     for req, r in zip(requests[::2], answers[::2]):
         assert [g["label"] for g in r.json()["results"]] == [w["label"] for w in predictor.predict(req)]
-    assert sorted(model.calls[1:], key=len, reverse=True)[0] == [t for req in requests for t in req]  # batched first
+    assert max(model.calls[1:], key=len) == [t for req in requests for t in req]  # batched first
     assert len(model.calls) == 1 + 1 + 3  # warm-up, the batch, then each request alone
     assert "retrying each alone" in caplog.text
 
@@ -231,5 +231,6 @@ def test_drain_out_of_time_refuses_the_waiting_quietly(
         for t in threads:
             t.join(30)
     assert results == {"waiting 0": 503, "waiting 1": 503, "goal running": 200}
-    assert [r.getMessage() for r in caplog.records if "draining" in r.getMessage()] == ["draining: 1 requests finished, 2 refused"]
+    summary = [r.getMessage() for r in caplog.records if "draining" in r.getMessage()]
+    assert summary == ["draining: 1 requests finished, 2 refused"]
     assert "Traceback" not in capfd.readouterr().err and not any(r.exc_info for r in caplog.records)

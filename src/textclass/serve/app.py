@@ -146,7 +146,7 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     auth_responses: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody, "description": "Missing or wrong API key"}} if settings.api_key else {}
     work_responses: dict[int | str, dict[str, Any]] = {
         **auth_responses,
-        408: {"model": ErrorBody, "description": f"Request body not complete within --read-timeout ({settings.read_timeout:g} s)"},
+        408: {"model": ErrorBody, "description": f"Body not complete within --read-timeout ({settings.read_timeout:g} s)"},
         413: {"model": ErrorBody, "description": "Request body too large"},
         429: {"model": ErrorBody, "description": f"Queue full ({settings.queue_bound} texts waiting); see Retry-After"},
         503: {"model": ErrorBody, "description": "Shutting down"},

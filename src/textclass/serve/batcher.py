@@ -128,7 +128,8 @@ class MicroBatcher:
         now = time.monotonic()
         for start in range(0, len(texts), self.max_batch_size):
             end = start + self.max_batch_size
-            chunk = _Chunk(list(texts[start:end]), list(pairs[start:end]) if pairs is not None else None, loop.create_future(), now)
+            second = list(pairs[start:end]) if pairs is not None else None
+            chunk = _Chunk(list(texts[start:end]), second, loop.create_future(), now)
             chunk.future.add_done_callback(lambda fut, c=chunk: self._forget_if_cancelled(c))
             self._queue.append(chunk)
             self._queued += len(chunk.texts)

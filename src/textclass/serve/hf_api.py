@@ -83,9 +83,9 @@ def _request_model(settings: ServeSettings, pair_model: bool) -> type[BaseModel]
     return create_model(
         "HFClassifyRequest",
         __config__=NoExtra,
-        inputs=(inputs, Field(description=f"{what} 1 to {settings.max_texts}; texts of at most {settings.max_chars} characters.")),
+        inputs=(inputs, Field(description=f"{what} 1 to {settings.max_texts}; texts of at most {settings.max_chars} chars.")),
         parameters=(Optional[Parameters], None),
-        options=(Optional[dict[str, Any]], Field(None, description="Accepted and ignored (the Inference API's caching options).")),
+        options=(Optional[dict[str, Any]], Field(None, description="Ignored (the Inference API's caching options).")),
     )
 
 
@@ -157,6 +157,6 @@ def add_hf_routes(
             keep_alive_timeout_s=s.keep_alive_timeout,
         )
         return Info(
-            labels=names, multi_label=multi_label, threshold=predictor.threshold, text_pairs=pair_model,
-            function_to_apply="sigmoid" if multi_label else "softmax", backend=predictor.backend, version=app.version, limits=limits,
+            labels=names, multi_label=multi_label, threshold=predictor.threshold, text_pairs=pair_model, limits=limits,
+            function_to_apply="sigmoid" if multi_label else "softmax", backend=predictor.backend, version=app.version,
         )

@@ -155,7 +155,8 @@ class ServingMiddleware:
         m.in_flight.inc()
         try:
             if self.state.draining and path not in OPEN_WHILE_DRAINING:
-                await _send_json(send_with_status, 503, error_body(answer, "the server is shutting down; retry on another instance"))
+                shutting_down = "the server is shutting down; retry on another instance"
+                await _send_json(send_with_status, 503, error_body(answer, shutting_down))
             elif _content_length(scope) > limit:
                 await _send_json(send_with_status, 413, error_body(answer, too_large))
             elif self.batcher is not None and self.batcher.full and scope["method"] == "POST" and path in CLASSIFYING_PATHS:
