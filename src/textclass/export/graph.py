@@ -193,7 +193,11 @@ def describe(path: Path) -> dict[str, Any]:
     """Input/output names and symbolic shapes, as plain onnxruntime users see them."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    # Only the signature is read: no graph rewriting, so none of its warnings (fastText's Loop had one).
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return {
         "inputs": {i.name: {"shape": list(i.shape), "type": i.type} for i in sess.get_inputs()},
         "outputs": {o.name: {"shape": list(o.shape), "type": o.type} for o in sess.get_outputs()},
