@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -258,3 +259,36 @@ def test_packed_rows_equal_the_datasets_rows(labels: list) -> None:
         for row, want in zip(got, view):
             assert {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in row.items()} == want
             assert isinstance(row["input_ids"], np.ndarray)
+
+
+def test_pair_task_learns_from_the_second_texts(tmp_path: Path) -> None:
+    """The label depends on the second text only: with a vocabulary fitted on the first texts alone every
+    second-text word was <unk> and accuracy stayed at chance (0.5); both columns fit it now."""
+    import random
+
+    rng = random.Random(0)
+    words = {"yes": "agree right true correct indeed".split(), "no": "wrong false never refuse deny".split()}
+    filler = "the a of it this that".split()
+
+    def rows(n: int) -> pd.DataFrame:
+        out = []
+        for i in range(n):
+            label = "yes" if i % 2 else "no"
+            first = " ".join(rng.choice(filler) for _ in range(4))  # carries no signal
+            second = " ".join(rng.choice(words[label] + filler) for _ in range(5))
+            out.append({"question": first, "answer": second, "label": label})
+        return pd.DataFrame(out)
+
+    files = {}
+    for split, n in {"train": 200, "valid": 40, "test": 60}.items():
+        files[split] = tmp_path / f"{split}.csv"
+        rows(n).to_csv(files[split], index=False)
+    cfg = {
+        "data": {**{k: str(v) for k, v in files.items()}, "text_column": "question", "text_pair_column": "answer"},
+        "model": {"family": "small", "arch": "textcnn", "embedding_dim": 16, "num_filters": 8, "max_length": 32},
+        "training": {"output_dir": str(tmp_path / "run"), "epochs": 8, "batch_size": 16, "learning_rate": 1e-2},
+    }
+    result = train(cfg)
+    vocab = set(Classifier.load(result.run_dir).predictor.tokenizer.vocab.tokens)
+    assert {"agree", "deny"} <= vocab
+    assert result.metrics["test"]["accuracy"] >= 0.9

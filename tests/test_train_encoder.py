@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,28 @@ def test_head_lr_scale_gives_the_new_head_its_own_rate(tiny_bert: Path, tmp_path
         trainer.lr_scheduler.step()
     rates = {ids <= head_ids: g["lr"] for g in trainer.optimizer.param_groups if (ids := {id(p) for p in g["params"]})}
     assert rates[True] == pytest.approx(10 * rates[False]) and rates[False] == pytest.approx(5e-4)
+
+
+def test_tokenization_cache_follows_the_tokenizer_not_its_path(tiny_bert: Path, tmp_path: Path) -> None:
+    """A model folder replaced in place (same path, other vocabulary) must not reuse the cached ids."""
+    from transformers import AutoTokenizer
+
+    from textclass.config import build_config
+    from textclass.models.registry import get_family
+    from textclass.training.trainer import tokenize
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    cfg = build_config({"data": {"train": "x.csv"}, "model": {"name": str(folder), "max_length": 16}})
+    family = get_family("encoder")
+    df = pd.DataFrame({"text": ["goal team chip", "bread soup"]})
+    first = tokenize(family, AutoTokenizer.from_pretrained(folder), cfg, df, None)["input_ids"]
+    state = json.loads((folder / "tokenizer.json").read_text())
+    words = sorted(state["model"]["vocab"], key=state["model"]["vocab"].get)
+    swapped = words[:5] + words[5:][::-1]  # same specials, the words' ids reversed
+    state["model"]["vocab"] = {w: i for i, w in enumerate(swapped)}
+    (folder / "tokenizer.json").write_text(json.dumps(state))
+    tok = AutoTokenizer.from_pretrained(folder)
+    again = tokenize(family, tok, cfg, df, None)["input_ids"]
+    assert list(again) == tok(df["text"].tolist(), truncation=True, max_length=16)["input_ids"]
+    assert list(again) != list(first)
