@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from textclass import Classifier, train
-from textclass.config import EncoderModelConfig, SmallModelConfig, build_config
+from textclass.config import SMALL_ARCHS, EncoderModelConfig, SmallModelConfig, build_config
 from textclass.models.registry import get_family
 from textclass.models.small.fasttext import FastText
 from textclass.training.optim import RowWiseAdagrad, clip_grad_norm_, coalesced
@@ -204,8 +204,9 @@ def test_every_arch_learns_chinese_reviews(arch: str, chinese_slice: dict[str, P
     """Each arch through `textclass.train` with the family's defaults (char tokens, per-arch lr), sized down."""
     cfg = {
         "data": {k: str(v) for k, v in chinese_slice.items()},
-        "model": {"family": "small", "arch": arch, "embedding_dim": 64, "hidden_size": 64, "num_filters": 64,
-                  "max_length": 64, "buckets": 100_000},
+        "model": {k: v for k, v in {"family": "small", "arch": arch, "embedding_dim": 64, "hidden_size": 64,
+                                    "num_filters": 64, "max_length": 64, "buckets": 100_000}.items()
+                  if k in SMALL_ARCHS[arch].model_fields},  # each arch takes only its own keys
         "training": {"output_dir": str(tmp_path / arch), "epochs": 5, "batch_size": 32, "num_threads": 2},
     }
     result = train(cfg)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from textclass.errors import UserError
 
@@ -69,8 +70,28 @@ class EncoderModelConfig(_Section):
     max_length: int = Field(256, ge=8, le=8192, description="Maximum tokens per example (truncated beyond).")
 
 
-class SmallModelConfig(_Section):
-    """Small models trained from scratch (fastText, TextCNN, RNNs, small Transformer)."""
+class _SmallConfigMeta(type(BaseModel)):  # type: ignore[misc]
+    """`SmallModelConfig(arch=..., ...)` builds the config class of that arch (fastText when `arch` is absent)."""
+
+    def __call__(cls, *args: Any, **data: Any) -> Any:
+        target = _arch_class(data) if cls is SmallModelConfig else None
+        return target(*args, **data) if target is not None else super().__call__(*args, **data)
+
+
+def _arch_class(data: Any) -> type[SmallModelConfig] | None:
+    """The config class of the arch a raw small section names (fastText without `arch`); None if unknown."""
+    arch = data.get("arch", "fasttext") if isinstance(data, dict) else getattr(data, "arch", None)
+    return SMALL_ARCHS.get(arch) if isinstance(arch, str) else None
+
+
+class SmallModelConfig(_Section, metaclass=_SmallConfigMeta):
+    """Small models trained from scratch (fastText, TextCNN, RNNs, small Transformer): the keys all archs read.
+
+    Each arch has its own class with only the keys it reads (`FastTextConfig`, `TextCNNConfig`, ...), so a
+    key another arch reads is refused as unknown instead of silently ignored. `SmallModelConfig(arch=...,
+    ...)` and `SmallModelConfig.model_validate` return the class of that arch (fastText when `arch` is
+    absent); `isinstance(x, SmallModelConfig)` holds for all of them.
+    """
 
     family: Literal["small"] = "small"
     arch: Literal["fasttext", "textcnn", "textrnn", "textrcnn", "transformer"] = "fasttext"
@@ -81,27 +102,114 @@ class SmallModelConfig(_Section):
     max_length: int = Field(256, ge=1, le=100_000)
     embedding_dim: int = Field(128, ge=2)
     pretrained_vectors: str | None = Field(None, description="word2vec text file to initialise embeddings.")
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    # fastText
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        """On `SmallModelConfig` itself: validates into the class of `obj`'s arch, like the constructor."""
+        target = _arch_class(obj) if cls is SmallModelConfig else None
+        return (target or super()).model_validate(obj, *args, **kwargs)  # type: ignore[misc]
+
+
+def _combination_error(key: str, message: str) -> PydanticCustomError:
+    """A check across keys, reported at `key` (see `_format_validation_error`)."""
+    return PydanticCustomError("key_combination", "{message}", {"key": key, "message": message})
+
+
+class FastTextConfig(SmallModelConfig):
+    """fastText: mean of word (+ hashed word n-gram / char n-gram) embeddings -> linear. No dropout."""
+
+    arch: Literal["fasttext"] = "fasttext"
     word_ngrams: int = Field(2, ge=1, le=6)
     minn: int = Field(0, ge=0)
     maxn: int = Field(0, ge=0)
     buckets: int = Field(2_000_000, ge=1)
-    # CNN
+
+    @model_validator(mode="after")
+    def _char_ngram_range(self) -> "FastTextConfig":
+        if self.maxn > 0 and self.minn > self.maxn:
+            raise _combination_error(
+                "minn", f"{self.minn} is larger than model.maxn {self.maxn}; e.g. minn: 3, maxn: 6"
+            )
+        return self
+
+
+class _NeuralSmallConfig(SmallModelConfig):
+    """The archs with dropout layers (all but fastText)."""
+
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+
+
+class TextCNNConfig(_NeuralSmallConfig):
+    """TextCNN: parallel 1-D convolutions of several widths -> max over time -> linear."""
+
+    arch: Literal["textcnn"] = "textcnn"
     filter_sizes: list[int] = Field(default_factory=lambda: [2, 3, 4])
     num_filters: int = Field(128, ge=1)
-    # RNN / RCNN / Transformer
+
+    @field_validator("filter_sizes")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError(f"{v} must be a non-empty list of widths >= 1, e.g. [2, 3, 4]")
+        return v
+
+
+class TextRNNConfig(_NeuralSmallConfig):
+    """TextRNN: bidirectional LSTM/GRU -> max / mean / attention pooling -> linear."""
+
+    arch: Literal["textrnn"] = "textrnn"
     hidden_size: int = Field(128, ge=1)
     num_layers: int = Field(1, ge=1)
     rnn_type: Literal["lstm", "gru"] = "lstm"
     rnn_pooling: Literal["max", "mean", "attention"] = "max"
+
+
+class TextRCNNConfig(_NeuralSmallConfig):
+    """TextRCNN: bidirectional LSTM/GRU states joined with the embeddings -> max pooling -> linear."""
+
+    arch: Literal["textrcnn"] = "textrcnn"
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(1, ge=1)
+    rnn_type: Literal["lstm", "gru"] = "lstm"
+
+
+class TransformerConfig(_NeuralSmallConfig):
+    """A small Transformer encoder trained from scratch -> masked mean pooling -> linear."""
+
+    arch: Literal["transformer"] = "transformer"
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(1, ge=1)
     num_heads: int = Field(4, ge=1)
     positional_encoding: Literal["sinusoidal", "learned"] = Field(
-        "sinusoidal", description="Transformer: fixed sine/cosine positions, or a learned table of max_length rows."
+        "sinusoidal", description="Fixed sine/cosine positions, or a learned table of max_length rows."
     )
 
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "TransformerConfig":
+        if self.hidden_size % self.num_heads:
+            raise _combination_error(
+                "num_heads",
+                f"{self.num_heads} does not divide model.hidden_size {self.hidden_size}; "
+                "pick num_heads that divides it (e.g. 4 for 128)",
+            )
+        return self
 
-ModelConfig = Annotated[Union[EncoderModelConfig, SmallModelConfig], Field(discriminator="family")]
+
+SMALL_ARCHS: dict[str, type[SmallModelConfig]] = {
+    "fasttext": FastTextConfig,
+    "textcnn": TextCNNConfig,
+    "textrnn": TextRNNConfig,
+    "textrcnn": TextRCNNConfig,
+    "transformer": TransformerConfig,
+}
+"""The config class of each `model.arch` of the small family."""
+
+SmallArchConfig = Annotated[
+    Union[FastTextConfig, TextCNNConfig, TextRNNConfig, TextRCNNConfig, TransformerConfig],
+    Field(discriminator="arch"),
+]
+ModelConfig = Annotated[Union[EncoderModelConfig, SmallArchConfig], Field(discriminator="family")]
+FAMILIES: dict[str, type[BaseModel]] = {"encoder": EncoderModelConfig, "small": SmallModelConfig}
 
 
 class TrainingConfig(_Section):
@@ -188,9 +296,16 @@ class Config(_Section):
     @model_validator(mode="before")
     @classmethod
     def _default_family(cls, raw: Any) -> Any:
-        # The model section is a union keyed by `family`; a section without it means the default family.
-        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "family" not in raw["model"]:
-            raw = {**raw, "model": {"family": "encoder", **raw["model"]}}
+        # The model section is a union keyed by `family`, and the small family's by `arch`; a section without
+        # them means the default family (encoder), a small section without `arch` means fastText.
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+            model = raw["model"]
+            if "family" not in model:
+                model = {"family": "encoder", **model}
+            if model["family"] == "small" and "arch" not in model:
+                model = {**model, "arch": "fasttext"}
+            if model is not raw["model"]:
+                raw = {**raw, "model": model}
         return raw
 
     @model_validator(mode="after")
@@ -203,39 +318,80 @@ class Config(_Section):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     """One line: the first problem with its dotted key path (discriminator branches stripped)."""
     e = err.errors()[0]
-    loc = [str(p) for p in e["loc"] if str(p) not in ("encoder", "small")]
+    loc, sections = _walk([str(p) for p in e["loc"]])
+    ctx = e.get("ctx", {})
+    if e["type"] == "key_combination":  # a check across keys, reported at one of them
+        loc, sections = loc + [ctx["key"]], sections + [None]
     key = ".".join(loc) or "(top level)"
     msg = e["msg"]
     if e["type"] == "extra_forbidden":
-        section = _section_for(loc[:-1])
+        section = sections[-1] if sections else None
         allowed = sorted(section.model_fields) if section else []
         msg = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+        if section is not None and issubclass(section, SmallModelConfig) and section is not SmallModelConfig:
+            msg += f" (the keys of arch {section.model_fields['arch'].default})"
     elif e["type"] == "literal_error":
         msg = msg.replace("Input should be", "must be")
     elif e["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")  # our validators' own words
-    elif e["type"] == "union_tag_invalid":  # model.family names no family
-        ctx = e.get("ctx", {})
-        key = f"{key}.{str(ctx.get('discriminator', 'family')).strip(chr(39))}"
-        msg = f"unknown family {ctx.get('tag')!r}; must be one of {ctx.get('expected_tags')}"
+    elif e["type"] == "union_tag_invalid":  # model.family names no family, or model.arch no small arch
+        what = str(ctx.get("discriminator", "family")).strip(chr(39))
+        key = f"{key}.{what}"
+        msg = f"unknown {what} {ctx.get('tag')!r}; must be one of {ctx.get('expected_tags')}"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{source}: bad config key `{key}`: {msg}{more}"
 
 
-def _section_for(path: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
-    for p in path:
-        field = model.model_fields.get(p)
+def _walk(raw_loc: list[str]) -> tuple[list[str], list[type[BaseModel] | None]]:
+    """An error location without the union tags pydantic inserts (`model.small.textcnn.x` -> `model.x`), and
+    the config class each remaining key lives in (None past the schema's sections)."""
+    loc: list[str] = []
+    sections: list[type[BaseModel] | None] = []
+    section: type[BaseModel] | None = Config
+    i = 0
+    while i < len(raw_loc):
+        p = raw_loc[i]
+        loc.append(p)
+        sections.append(section)
+        i += 1
+        field = section.model_fields.get(p) if section is not None else None
         if field is None:
-            return None
-        ann = field.annotation
-        if p == "model":
-            return None  # a union: allowed keys depend on family
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
+            section = None
+        elif section is Config and p == "model":  # union keyed by family, then (small) by arch
+            section = None
+            if i < len(raw_loc) and raw_loc[i] in FAMILIES:
+                section = FAMILIES[raw_loc[i]]
+                i += 1
+                if section is SmallModelConfig:
+                    section = SMALL_ARCHS.get(raw_loc[i]) if i < len(raw_loc) else None
+                    i += 1 if section is not None else 0
+                    section = section or SmallModelConfig
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            section = field.annotation
         else:
-            return None
-    return model
+            section = None
+    return loc, sections
+
+
+def upgrade_run_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config.yaml written by an older textclass, made loadable by this one (`raw` itself is never changed).
+
+    Before each small arch had its own keys, a run directory's resolved config listed every small key for
+    every arch (e.g. `word_ngrams` and `buckets` for a TextCNN), which this schema refuses. Those keys were
+    never read by that arch, so dropping them changes nothing about the model. Keys that no small arch has
+    are kept, so a damaged file still fails with its key path.
+    """
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        return raw
+    model = raw["model"]
+    if model.get("family") != "small":
+        return raw
+    own = _arch_class(model)
+    if own is None:  # an unknown arch: left to validation to say so
+        return raw
+    every_small_key = {k for cls in SMALL_ARCHS.values() for k in cls.model_fields}
+    kept = {k: v for k, v in model.items() if k in own.model_fields or k not in every_small_key}
+    return {**raw, "model": kept}
 
 
 def parse_value(text: str) -> Any:
