@@ -68,7 +68,7 @@ def _predict_fn(variant: str, model: Path, threads: int, batch_size: int, max_le
             return [o["label"] for o in out]
 
         return run
-    from textclass.inference.predictor import load_predictor
+    from textclass.inference.load import load_predictor
 
     backend, variant_name = ("torch", None) if variant == "torch" else ("onnx", variant.split("-")[1])
     pred = load_predictor(model, batch_size=batch_size, threads=threads, backend=backend, variant=variant_name)

@@ -65,7 +65,7 @@ def naive_app(model_dir: str, mode: str) -> Any:
             return {"results": [{"label": r[0]["label"], "scores": {d["label"]: d["score"] for d in r}} for r in out]}
 
     else:
-        from textclass.inference.predictor import load_predictor
+        from textclass.inference.load import load_predictor
 
         predictor = load_predictor(model_dir, backend="torch")
 

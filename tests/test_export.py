@@ -60,7 +60,7 @@ def hf_pairs_multi_run(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def _probs(run_dir: Path, backend: str, texts: list[str], pairs: list[str] | None = None, **kw: object) -> np.ndarray:
-    from textclass.inference.predictor import load_predictor
+    from textclass.inference.load import load_predictor
 
     pred = load_predictor(run_dir, backend=backend, **kw)
     assert pred.backend == backend
@@ -94,7 +94,7 @@ def test_encoder_export_optimized_int8(encoder_run: Path) -> None:
     int8 = _probs(encoder_run, "onnx", texts)  # the default after --int8
     assert (int8.argmax(1) == ref.argmax(1)).mean() >= 0.9
 
-    from textclass.inference.predictor import load_predictor
+    from textclass.inference.load import load_predictor
 
     assert load_predictor(encoder_run).backend == "onnx"  # auto
     assert load_predictor(encoder_run, backend="onnx").variant == "int8"
@@ -134,9 +134,9 @@ def test_hf_head_pairs_multi_label(hf_pairs_multi_run: Path) -> None:
 def test_small_family_exports(arch: str, tmp_path: Path) -> None:
     from textclass import api
 
-    model = {"family": "small", "arch": arch, "max_length": 32, "embedding_dim": 16, "hidden_size": 16, "buckets": 500}
-    if arch == "fasttext":
-        model.update(word_ngrams=2, minn=2, maxn=3)
+    model = {"family": "small", "arch": arch, "max_length": 32, "embedding_dim": 16}
+    own = {"fasttext": {"buckets": 500, "word_ngrams": 2, "minn": 2, "maxn": 3}, "textcnn": {}}
+    model.update(own.get(arch, {"hidden_size": 16}))
     files = _files(tmp_path)
     run_dir = _train({"data": {k: str(v) for k, v in files.items()}, "model": model,
                       "training": {"output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 16}})
@@ -230,7 +230,7 @@ def test_onnx_backend_of_an_encoder_never_imports_torch(encoder_run: Path) -> No
 
     api.export(encoder_run)
     code = (
-        "import sys; from textclass.inference.predictor import load_predictor; "
+        "import sys; from textclass.inference.load import load_predictor; "
         f"p = load_predictor({str(encoder_run)!r}); print(p.backend, p.predict(['match goal', 'soup'])[1]['label']); "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
@@ -271,7 +271,7 @@ def test_prefix_encoding_gives_the_full_texts_ids(tiny_bert: Path, tmp_path: Pat
     corpus = make_texts(200, seed=4)["text"].tolist() + texts
     for file in [tiny_bert / "tokenizer.json", *_bpe_tokenizer_files(tmp_path, corpus)]:
         for max_length in (8, 16):
-            enc = RustEncoder(file, max_length=max_length, pad_id=0, padding_side="right")
+            enc = RustEncoder(file, max_length=max_length, pad_id=0, padding_side="right", names=["input_ids"])
             assert any(len(t) > PREFIX_CHARS_PER_TOKEN * max_length for t in texts)
             got = enc.encode(texts, None)
             for i, want in enumerate(enc.tok.encode_batch(texts)):

@@ -39,7 +39,7 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object) -> None:
         raise AssertionError("the model was loaded before the destination was checked")
 
-    monkeypatch.setattr(export_mod, "load_run", fail)
+    monkeypatch.setattr(export_mod, "load_model", fail)
 
 
 def test_refused_destinations_are_left_untouched(run_dir: Path, tmp_path: Path, no_loading: None) -> None:

@@ -27,11 +27,8 @@ def predictor(tiny_bert: Path) -> Predictor:
 
     cfg = build_config({"data": {"train": "x.csv"}, "model": {"name": str(tiny_bert), "max_length": 32}})
     labels = LabelSet.from_labels([["food"], ["sport"], ["tech"]], multi_label=False)
-    family = get_family("encoder")
-    tokenizer = family.build_tokenizer(cfg.model, [])
     torch.manual_seed(0)
-    model = family.build_model(cfg.model, labels.num_labels, tokenizer, labels.id2label)
-    return Predictor(model, tokenizer, family, cfg, labels, batch_size=4)
+    return Predictor(get_family("encoder").create(cfg, labels, []), batch_size=4)
 
 
 class CountingPredictor:

@@ -27,7 +27,8 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import make_texts, tiny_config  # noqa: E402
-from textclass.inference.predictor import Predictor, load_predictor  # noqa: E402
+from textclass.inference.load import load_predictor  # noqa: E402
+from textclass.inference.predictor import Predictor  # noqa: E402
 from textclass.serve import ServeSettings, bind_socket  # noqa: E402
 from textclass.serve.app import create_app  # noqa: E402
 from textclass.serve.batcher import BatcherClosed, MicroBatcher  # noqa: E402

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from textclass.config import SMALL_ARCHS, SmallModelConfig
 from textclass.errors import UserError
 from textclass.models.registry import get_family
-from textclass.models.small.family import SmallFamily
+from textclass.config import Config, build_config
+from textclass.data.labels import LabelSet
+from textclass.models.small.family import SmallFamily, SmallModel, make_model
 from textclass.models.small.fasttext import (
     batch_word_ngram_buckets,
     char_ngram_buckets,
@@ -46,16 +48,31 @@ def small_cfg(arch: str, **over: Any) -> SmallModelConfig:
     return SmallModelConfig(arch=arch, **{k: v for k, v in {**base, **over}.items() if k in own})
 
 
+def full(cfg: SmallModelConfig) -> Config:
+    """The whole config a model object holds, around a small-model section."""
+    return build_config({"data": {"train": "x.csv"}, "model": cfg.model_dump()})
+
+
+def as_model(tok: TextTokenizer, cfg: SmallModelConfig, network: torch.nn.Module | None = None, n_labels: int = 3) -> SmallModel:
+    """The model object for a tokenizer, config and network built separately in a test."""
+    labels = LabelSet([str(i) for i in range(n_labels)], multi_label=False)
+    return SmallModel(FAMILY, network if network is not None else torch.nn.Module(), tok, labels, full(cfg))
+
+
+def load(cfg: SmallModelConfig, folder: Path, n_labels: int = 3) -> SmallModel:
+    return FAMILY.load(folder, full(cfg), LabelSet([str(i) for i in range(n_labels)], multi_label=False))
+
+
 def batch(tok: TextTokenizer, cfg: SmallModelConfig, texts: list[str], pairs: list[str] | None = None) -> dict:
-    enc = FAMILY.encode(tok, cfg, texts, pairs)
-    return FAMILY.collator(tok, cfg)([{k: v[i] for k, v in enc.items()} for i in range(len(texts))])
+    m = as_model(tok, cfg)
+    return m.collate(m.features(texts, pairs))
 
 
 def built(arch: str, n_labels: int = 3, texts: list[str] = TEXTS, **over: Any) -> tuple[Any, SmallModelConfig, Any]:
     torch.manual_seed(0)
     cfg = small_cfg(arch, **over)
-    tok = FAMILY.build_tokenizer(cfg, texts)
-    model = FAMILY.build_model(cfg, n_labels, tok, {})
+    made = FAMILY.create(full(cfg), LabelSet([str(i) for i in range(n_labels)], multi_label=False), texts)
+    tok, model = made.tokenizer, made.network
     if arch == "fasttext":  # fastText starts with a zero output layer; randomise it so scores differ
         torch.nn.init.normal_(model.fc.weight)
     return tok, cfg, model
@@ -122,7 +139,7 @@ def test_ngram_hashing_of_texts_shorter_than_n(n: int) -> None:
 def test_word_ngrams_see_word_order() -> None:
     def features(word_ngrams: int) -> tuple[list[int], list[int]]:
         tok, cfg, _ = built("fasttext", word_ngrams=word_ngrams)
-        ab, ba = FAMILY.encode(tok, cfg, ["good movie", "movie good"], None)["input_ids"]
+        ab, ba = as_model(tok, cfg).encode(["good movie", "movie good"], None)["input_ids"]
         return sorted(ab), sorted(ba)
 
     ab, ba = features(1)
@@ -133,7 +150,7 @@ def test_word_ngrams_see_word_order() -> None:
 
 def test_char_ngrams_give_unknown_words_features() -> None:
     tok, cfg, _ = built("fasttext", word_ngrams=1, minn=2, maxn=3)
-    (ids,) = FAMILY.encode(tok, cfg, ["moviez"], None)["input_ids"]
+    (ids,) = as_model(tok, cfg).encode(["moviez"], None)["input_ids"]
     assert ids[0] == 1 and len(ids) > 1 and min(ids[1:]) >= len(tok.vocab)  # <unk> + hashed char n-grams
 
 
@@ -159,16 +176,16 @@ def test_fasttext_table_is_stored_as_its_nonzero_rows(tmp_path: Path) -> None:
     state = model.compact_state_dict(scan=True)  # edits outside training are found by scanning the table
     assert "embedding.weight" not in state
     assert state["embedding.row_ids"].tolist() == [i for i in range(vocab) if i != 3] + [vocab + 7, vocab + 49_999]
-    FAMILY.save(model, tok, cfg, tmp_path)
+    as_model(tok, cfg, model).save_weights(tmp_path)
     assert (tmp_path / "model.safetensors").stat().st_size < 10_000  # the dense table alone is 800 kB
-    loaded, _ = FAMILY.load(cfg, tmp_path, 3, {})
+    loaded = load(cfg, tmp_path).network
     got = loaded.embedding.weight.detach()
     assert torch.equal(got.view(torch.int32), weight.detach().view(torch.int32))  # bit-exact, -0.0 included
-    other = FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), 3, tok, {})
+    other = make_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), len(tok.vocab), 3)
     other.load_state_dict(state)  # also into a model that already holds other values
     assert torch.equal(other.embedding.weight, weight)
     with pytest.raises(RuntimeError, match="size mismatch"):  # a table too small for the stored rows
-        FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=10), 3, tok, {}).load_state_dict(state)
+        make_model(small_cfg("fasttext", embedding_dim=4, buckets=10), len(tok.vocab), 3).load_state_dict(state)
 
 
 def test_fasttext_tracked_rows_cover_every_row_training_changed() -> None:
@@ -188,11 +205,11 @@ def test_fasttext_tracked_rows_cover_every_row_training_changed() -> None:
     tracked = state["embedding.row_ids"]
     assert len(scanned) > len(tok.vocab)  # training wrote hashed n-gram rows
     assert set(scanned.tolist()) <= set(tracked.tolist())
-    other = FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), 3, tok, {})
+    other = make_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), len(tok.vocab), 3)
     other.load_state_dict(state)
     assert torch.equal(other.embedding.weight, model.embedding.weight)
     assert torch.equal(other.touched_rows.nonzero().squeeze(1), tracked)  # a compact load knows its rows
-    dense = FAMILY.build_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), 3, tok, {})
+    dense = make_model(small_cfg("fasttext", embedding_dim=4, buckets=50_000), len(tok.vocab), 3)
     dense.load_state_dict(model.state_dict())  # a dense table: rows unknown, so saving scans
     assert torch.equal(dense.compact_state_dict()["embedding.row_ids"], scanned)
 
@@ -259,9 +276,10 @@ def test_fasttext_overfits_multi_label_with_bce() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
     tok, cfg, model = built(arch, minn=2, maxn=3)
-    FAMILY.save(model, tok, cfg, tmp_path)
-    loaded, tok2 = FAMILY.load(cfg, tmp_path, 3, {})
-    assert not loaded.training and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "tokenizer.json"]
+    as_model(tok, cfg, model).save_weights(tmp_path)
+    back = load(cfg, tmp_path)
+    loaded, tok2 = back.network, back.tokenizer
+    assert not loaded.training and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "textclass_tokenizer.json"]
     texts, pairs = ["good movie", "", "unseen words 😀"], ["film", "great", ""]
     model.eval()
     with torch.no_grad():
@@ -270,10 +288,10 @@ def test_save_load_round_trip(arch: str, tmp_path: Path) -> None:
 
 def test_pairs_are_joined_with_sep() -> None:
     tok, cfg, _ = built("textcnn")
-    ids = FAMILY.encode(tok, cfg, ["good movie"], ["bad film"])["input_ids"][0]
+    ids = as_model(tok, cfg).encode(["good movie"], ["bad film"])["input_ids"][0]
     assert ids == tok.vocab.ids(["good", "movie"]) + [SEP_ID] + tok.vocab.ids(["bad", "film"])
     assert (
-        len(FAMILY.encode(tok, small_cfg("textcnn", max_length=3), ["good movie"], ["bad film"])["input_ids"][0]) == 3
+        len(as_model(tok, small_cfg("textcnn", max_length=3)).encode(["good movie"], ["bad film"])["input_ids"][0]) == 3
     )
 
 
@@ -295,12 +313,12 @@ def test_config_and_run_dir_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="minn"):
         built("fasttext", minn=5, maxn=3)
     tok, cfg, model = built("textcnn")
-    FAMILY.save(model, tok, cfg, tmp_path)
+    as_model(tok, cfg, model).save_weights(tmp_path)
     with pytest.raises(UserError, match="does not match"):
-        FAMILY.load(small_cfg("textcnn", num_filters=4), tmp_path, 3, {})
+        load(small_cfg("textcnn", num_filters=4), tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UserError, match="weights missing"):
-        FAMILY.load(cfg, tmp_path, 3, {})
+        load(cfg, tmp_path)
 
 
 def test_trains_end_to_end_through_the_shared_trainer(toy_files: dict[str, Path], tmp_path: Path) -> None:
@@ -314,7 +332,8 @@ def test_trains_end_to_end_through_the_shared_trainer(toy_files: dict[str, Path]
     }
     result = train(cfg)
     assert result.metrics["test"]["accuracy"] >= 0.9
-    assert (result.run_dir / "tokenizer.json").is_file() and (result.run_dir / "model.safetensors").is_file()
+    assert (result.run_dir / "textclass_tokenizer.json").is_file() and (result.run_dir / "model.safetensors").is_file()
+    assert not (result.run_dir / "tokenizer.json").exists()  # the name Hugging Face tools read as theirs
     clf = Classifier.load(result.run_dir)
     preds = clf.predict(["match goal team referee", "", "😀"])
     assert len(preds) == 3 and preds[0]["label"] == "sport"

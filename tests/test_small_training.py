@@ -132,7 +132,7 @@ def test_fasttext_default_buckets_learns_with_row_wise_adagrad(toy_files: dict[s
     assert saved["training"]["learning_rate"] == get_family("small").default_learning_rate(SmallModelConfig())
     assert saved["training"]["final_model"] == result.metrics["train"]["final_model"] == "best"
     clf = Classifier.load(result.run_dir)
-    assert clf.predictor.model.embedding.weight.shape[0] > 2_000_000
+    assert clf.predictor.model.network.embedding.weight.shape[0] > 2_000_000
     assert clf.predict(["match goal team referee"])[0]["label"] == "sport"
 
 
@@ -290,6 +290,6 @@ def test_pair_task_learns_from_the_second_texts(tmp_path: Path) -> None:
         "training": {"output_dir": str(tmp_path / "run"), "epochs": 8, "batch_size": 16, "learning_rate": 1e-2},
     }
     result = train(cfg)
-    vocab = set(Classifier.load(result.run_dir).predictor.tokenizer.vocab.tokens)
+    vocab = set(Classifier.load(result.run_dir).predictor.model.tokenizer.vocab.tokens)
     assert {"agree", "deny"} <= vocab
     assert result.metrics["test"]["accuracy"] >= 0.9

@@ -275,7 +275,7 @@ def test_cpu_precision_is_used_and_recorded(tiny_bert: Path, toy_files: dict, tm
     saved = json.loads((result.run_dir / "metrics.json").read_text())
     assert saved["train"]["precision"] == precision
     clf = Classifier.load(result.run_dir)  # weights stay fp32 whatever the training precision
-    assert all(p.dtype == torch.float32 for p in clf.predictor.model.parameters())
+    assert all(p.dtype == torch.float32 for p in clf.predictor.model.network.parameters())
 
 
 def test_length_grouped_batches_come_in_random_order() -> None:
@@ -307,14 +307,15 @@ def test_head_lr_scale_gives_the_new_head_its_own_rate(tiny_bert: Path, tmp_path
     from torch import nn
     from transformers import TrainingArguments
 
-    from textclass.config import EncoderModelConfig
+    from textclass.config import EncoderModelConfig, build_config
+    from textclass.data.labels import LabelSet
     from textclass.models.encoder import EncoderFamily
     from textclass.training.trainer import ClassifierTrainer
 
     family = EncoderFamily()
     mcfg = EncoderModelConfig(family="encoder", name=str(tiny_bert), head=head)
-    tok = family.build_tokenizer(mcfg, [])
-    model = family.build_model(mcfg, 3, tok, {0: "a", 1: "b", 2: "c"})
+    cfg = build_config({"data": {"train": "x.csv"}, "model": mcfg.model_dump()})
+    model = family.create(cfg, LabelSet(["a", "b", "c"], multi_label=False), []).network
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, warmup_steps=0, use_cpu=True, report_to="none")
     trainer = ClassifierTrainer(model=model, args=args, loss_fn=nn.CrossEntropyLoss(), head_lr_scale=10.0)
     trainer.create_optimizer_and_scheduler(num_training_steps=10)
@@ -340,6 +341,8 @@ def test_tokenization_cache_follows_the_tokenizer_not_its_path(tiny_bert: Path, 
     from transformers import AutoTokenizer
 
     from textclass.config import build_config
+    from textclass.data.labels import LabelSet
+    from textclass.models.encoder import EncoderModel
     from textclass.models.registry import get_family
     from textclass.training.trainer import tokenize
 
@@ -348,13 +351,18 @@ def test_tokenization_cache_follows_the_tokenizer_not_its_path(tiny_bert: Path, 
     cfg = build_config({"data": {"train": "x.csv"}, "model": {"name": str(folder), "max_length": 16}})
     family = get_family("encoder")
     df = pd.DataFrame({"text": ["goal team chip", "bread soup"]})
-    first = tokenize(family, AutoTokenizer.from_pretrained(folder), cfg, df, None)["input_ids"]
+    labels = LabelSet(["a", "b"], multi_label=False)
+
+    def tokenize_with(tok: object) -> list:
+        return list(tokenize(EncoderModel(family, torch.nn.Module(), tok, labels, cfg), df, with_labels=False)["input_ids"])
+
+    first = tokenize_with(AutoTokenizer.from_pretrained(folder))
     state = json.loads((folder / "tokenizer.json").read_text())
     words = sorted(state["model"]["vocab"], key=state["model"]["vocab"].get)
     swapped = words[:5] + words[5:][::-1]  # same specials, the words' ids reversed
     state["model"]["vocab"] = {w: i for i, w in enumerate(swapped)}
     (folder / "tokenizer.json").write_text(json.dumps(state))
     tok = AutoTokenizer.from_pretrained(folder)
-    again = tokenize(family, tok, cfg, df, None)["input_ids"]
-    assert list(again) == tok(df["text"].tolist(), truncation=True, max_length=16)["input_ids"]
-    assert list(again) != list(first)
+    again = tokenize_with(tok)
+    assert again == tok(df["text"].tolist(), truncation=True, max_length=16)["input_ids"]
+    assert again != first

@@ -9,7 +9,9 @@ import numpy as np
 
 from textclass.config import Config, build_config, load_config
 from textclass.errors import UserError
-from textclass.inference.predictor import BasePredictor, load_predictor
+from textclass.rundir import EVAL_DIR
+from textclass.inference.load import load_predictor
+from textclass.inference.predictor import BasePredictor
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
@@ -47,25 +49,17 @@ def evaluate(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Score a labelled file with a trained model and write the reports (metrics, per-class, confusion, badcases)."""
+    from textclass.data.frames import text_columns
     from textclass.data.prepare import read_eval_data
-    from textclass.evaluation import write_report
+    from textclass.evaluation import write_split_report
 
     predictor = load_predictor(model_dir, batch_size=batch_size, threads=threads, backend=backend)
     df, _ = read_eval_data(str(data), predictor.cfg.data, predictor.labels, require_labels=True)
-    probs = predictor.predict_proba(df["text"].tolist(), _pairs(df), progress=True)
-    out = Path(output_dir) if output_dir else Path(model_dir) / "eval" / Path(data).stem
-    labels = predictor.labels
+    probs = predictor.predict_proba(*text_columns(df), progress=True)
+    out = Path(output_dir) if output_dir else Path(model_dir) / EVAL_DIR / Path(data).stem
     try:
-        return write_report(
-            out,
-            texts=df["text"].tolist(),
-            text_pairs=_pairs(df),
-            y_true=np.asarray([labels.encode(ls) for ls in df["labels"]]).astype(int),
-            probs=probs,
-            label_names=labels.names,
-            multi_label=labels.multi_label,
-            threshold=predictor.threshold if threshold is None else threshold,
-            badcases=predictor.cfg.evaluation.badcases,
+        return write_split_report(
+            out, df, probs, predictor.labels, predictor.threshold if threshold is None else threshold, predictor.cfg.evaluation.badcases
         )
     except OSError as err:
         raise UserError(f"{out}: cannot write the report ({err.strerror}); choose a writable --output") from None
@@ -87,10 +81,6 @@ def export(
     from textclass.export import export_onnx
 
     return export_onnx(model_dir, output=output, int8=int8, optimize=optimize, data=data, samples=samples)
-
-
-def _pairs(df: Any) -> list[str] | None:
-    return df["text_pair"].tolist() if "text_pair" in df.columns else None
 
 
 class Classifier:

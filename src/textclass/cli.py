@@ -124,7 +124,7 @@ def predict(
 ) -> None:
     """Predict labels for a file, or interactively."""
     from textclass.inference.io import predict_file, interactive_loop
-    from textclass.inference.predictor import load_predictor
+    from textclass.inference.load import load_predictor
 
     if interactive == (input is not None):
         raise UserError("predict: give either --input FILE (with --output FILE) or -i for interactive mode")
@@ -219,7 +219,7 @@ def serve(
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
     """Serve a model over HTTP: /v1/classify, Hugging Face-style POST / and /predict, /info, /docs, /metrics, a web page."""
-    from textclass.inference.predictor import BACKENDS
+    from textclass.inference.load import BACKENDS
     from textclass.serve import ServeSettings, serve as run_server
 
     if backend not in BACKENDS:  # checked before the port is bound

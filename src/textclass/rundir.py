@@ -1,44 +1,56 @@
 """The run directory: the contract between training and everything after it.
 
-A run directory holds the weights (safetensors), the tokenizer, `labels.json`, the resolved
-`config.yaml`, metrics and reports. `predict`, `evaluate`, `serve` and `Classifier.load` need that folder
-and nothing else.
+A run directory holds the weights (safetensors), the tokenizer, `labels.json`, the resolved `config.yaml`,
+metrics, reports, a small parity sample and later `onnx/`. `predict`, `evaluate`, `export`, `serve` and
+`Classifier.load` need that folder and nothing else. This module owns every file name in it, opens a run
+(`load_model`) and writes a finished one (`write_run`).
+
+Writes are atomic file by file (a crash leaves the old file or none), and `labels.json` then `config.yaml`
+come last: a folder without them is not a run (`check_run_dir` refuses it), so an interrupted write never
+leaves something that loads half old and half new.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from textclass.config import Config, build_config
+from textclass.config import Config, build_config, save_config, upgrade_run_config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
+from textclass.fileio import atomic_write, write_json
 
-if TYPE_CHECKING:  # torch is imported by `load_run` only: the ONNX backend checks run dirs without it
-    from torch import nn
+if TYPE_CHECKING:  # torch is imported by `load_model` only: the ONNX backend checks run dirs without it
+    import pandas as pd
 
-    from textclass.models.registry import Family
+    from textclass.models.base import TextModel
 
-CONFIG_FILE = "config.yaml"
+# -- every file name of a run directory -------------------------------------------------------------------
+CONFIG_FILE = "config.yaml"  # the resolved config; written last: its presence marks a finished run
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.json"
+WEIGHTS_FILE = "model.safetensors"
+ENCODER_CONFIG_FILE = "encoder_config.json"  # the encoder family's `linear` head: the body's HF config
+SMALL_TOKENIZER_FILE = "textclass_tokenizer.json"  # the small family's own tokenizer (vocabulary, kind)
+LEGACY_SMALL_TOKENIZER_FILE = "tokenizer.json"  # its name before: Hugging Face tools read that name as theirs
+TRAINING_LOG_FILE = "training_log.json"
+TRAINING_CURVES_FILE = "training_curves.png"
+DATA_AUDIT_FILE = "data_audit.json"
+PARITY_SAMPLE_FILE = "parity_sample.jsonl"  # validation texts (and labels) for export's parity check
+EVAL_DIR = "eval"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 PENDING_CONFIG = "textclass_config.yaml"  # inside checkpoints/: the config an unfinished run started with
+ONNX_DIR = "onnx"
+EXPORT_FILE = "export.json"  # inside onnx/: written last, marks a finished export
+ONNX_FP32_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+ONNX_PARITY_FILE = "parity.json"
 
-
-@dataclass
-class Run:
-    """A loaded run directory."""
-
-    path: Path
-    cfg: Config
-    labels: LabelSet
-    family: Family
-    model: nn.Module
-    tokenizer: Any
+PARITY_SAMPLE_SIZE = 256
 
 
 def check_run_dir(path: str | Path) -> Path:
@@ -61,21 +73,62 @@ def read_run_config(path: Path) -> Config:
         raw = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         raise UserError(f"{path / CONFIG_FILE}: unreadable; the run directory is damaged") from None
-    return build_config(raw, source=str(path / CONFIG_FILE))
+    return build_config(upgrade_run_config(raw), source=str(path / CONFIG_FILE))
 
 
-def load_run(path: str | Path) -> Run:
-    """Load config, labels, tokenizer and model from a run directory."""
+def read_labels(path: Path) -> LabelSet:
+    return LabelSet.load(path / LABELS_FILE)
+
+
+def load_model(path: str | Path, network: bool = True) -> TextModel:
+    """The one way to open a run directory: its model object (config, labels, tokenizer, network)."""
     p = check_run_dir(path)
     cfg = read_run_config(p)
-    labels = LabelSet.load(p / LABELS_FILE)
+    return load_model_parts(p, cfg, read_labels(p), network)
+
+
+def load_model_parts(path: Path, cfg: Config, labels: LabelSet, network: bool = True) -> TextModel:
+    """`load_model` with config and labels given (training reads its weights back before the run is finished)."""
     from textclass.models.registry import MODEL_FILE_ERRORS, get_family
 
-    family = get_family(cfg.model.family)
     try:
-        model, tokenizer = family.load(cfg.model, p, labels.num_labels, labels.id2label)
+        return get_family(cfg.model.family).load(path, cfg, labels, network=network)
     except MODEL_FILE_ERRORS as err:
         raise UserError(
-            f"{p}: the model files are missing or damaged ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
+            f"{path}: the model files are missing or damaged ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
         ) from None
-    return Run(p, cfg, labels, family, model, tokenizer)
+
+
+def write_parity_sample(run_dir: Path, df: pd.DataFrame, seed: int = 0) -> None:
+    """Up to PARITY_SAMPLE_SIZE validation rows (texts, pairs, labels), so `export` needs no data files."""
+    import numpy as np
+
+    rows = np.sort(np.random.default_rng(seed).permutation(len(df))[:PARITY_SAMPLE_SIZE])
+    cols = [c for c in ("text", "text_pair", "labels") if c in df.columns]
+    records = df.iloc[rows][cols].to_dict(orient="records")
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(run_dir / PARITY_SAMPLE_FILE, lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+
+
+def read_parity_sample(run_dir: Path) -> pd.DataFrame | None:
+    """The saved parity sample (columns text, [text_pair], [labels]), or None for runs saved without one."""
+    import pandas as pd
+
+    path = run_dir / PARITY_SAMPLE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_json(path, lines=True, dtype=False)
+    except ValueError:
+        raise UserError(f"{path}: unreadable; pass --data FILE with texts for the parity check") from None
+
+
+def write_run(
+    run_dir: Path, model: TextModel, metrics: dict[str, Any], log_history: list[dict[str, Any]], data_audit: dict[str, Any]
+) -> None:
+    """A finished run's files besides weights, reports and plots: log, audit, metrics, then labels and config."""
+    write_json(run_dir / TRAINING_LOG_FILE, log_history)
+    write_json(run_dir / DATA_AUDIT_FILE, data_audit)
+    write_json(run_dir / METRICS_FILE, metrics)
+    atomic_write(run_dir / LABELS_FILE, model.labels.save)
+    atomic_write(run_dir / CONFIG_FILE, lambda tmp: save_config(model.cfg, tmp))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from textclass.data.prepare import normalise
+from textclass.data.normalise import normalise
 from textclass.errors import UserError
 
 log = logging.getLogger("textclass")

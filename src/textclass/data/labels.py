@@ -88,6 +88,18 @@ class LabelSet:
             return vec
         return index[labels[0]]
 
+    def encode_all(self, labels: Iterable[list[str]]) -> np.ndarray:
+        """`encode` for every example: class ids (n,) as int64, or multi-hot rows (n, num_labels) as int64."""
+        rows = [self.encode(ls) for ls in labels]
+        if self.multi_label:
+            return np.asarray(rows, dtype=np.int64).reshape(len(rows), self.num_labels)
+        return np.asarray(rows, dtype=np.int64)
+
+    def decide(self, probs: np.ndarray, threshold: float) -> np.ndarray:
+        """The one place probabilities become decisions: the argmax class id per row (single-label), or a 0/1
+        row of the labels at or above `threshold` (multi-label)."""
+        return (probs >= threshold).astype(np.int64) if self.multi_label else probs.argmax(axis=1)
+
     def unknown(self, labels: Iterable[list[str]]) -> list[str]:
         """Names in `labels` that this set does not know."""
         known = set(self.names)

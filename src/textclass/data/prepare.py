@@ -8,8 +8,6 @@ directory exists, so a user's mistake never leaves a half-made run behind.
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +16,9 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from textclass.config import DataConfig
+from textclass.data.builtin import is_builtin, load_builtin
 from textclass.data.labels import LabelSet, label_to_str, split_label
+from textclass.data.normalise import normalise
 from textclass.data.readers import read_hub, read_table
 from textclass.errors import UserError
 
@@ -47,8 +47,6 @@ def _raw_splits(cfg: DataConfig) -> tuple[dict[str, pd.DataFrame], dict[str, str
         paths = {"train": cfg.train, "valid": cfg.valid, "test": cfg.test}
         frames = {k: read_table(v, cfg.format, cfg.encoding) for k, v in paths.items() if v}
         return frames, {k: str(v) for k, v in paths.items() if v}
-    from textclass.data.builtin import is_builtin, load_builtin
-
     assert cfg.dataset is not None
     if is_builtin(cfg.dataset):
         frames = load_builtin(cfg.dataset)
@@ -176,11 +174,6 @@ def infer_multi_label(df: pd.DataFrame, cfg: DataConfig) -> bool:
     return bool(sample.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any()) or bool(
         sample.map(lambda v: isinstance(v, str) and v.strip().startswith("[") and v.strip().endswith("]")).any()
     )
-
-
-def normalise(text: str) -> str:
-    """The form used to find duplicates: NFKC, lower case, collapsed white space."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
 
 
 def _keys(df: pd.DataFrame) -> pd.Series:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textclass.evaluation.metrics import compute_metrics, per_class_report, tune_threshold
 from textclass.evaluation.plots import plot_confusion_matrix, plot_multilabel_confusion, plot_training_curves
-from textclass.evaluation.reports import format_report, write_report
+from textclass.evaluation.reports import format_report, write_report, write_split_report
 
 __all__ = [
     "compute_metrics",
@@ -15,4 +15,5 @@ __all__ = [
     "plot_training_curves",
     "tune_threshold",
     "write_report",
+    "write_split_report",
 ]

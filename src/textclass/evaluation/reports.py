@@ -15,9 +15,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from textclass.data.frames import text_columns
+from textclass.data.labels import LabelSet
 from textclass.evaluation.metrics import compute_metrics, per_class_report
 from textclass.evaluation.plots import plot_confusion_matrix, plot_multilabel_confusion
 from textclass.fileio import atomic_write, write_json
+
+
+def write_split_report(out_dir: str | Path, df: pd.DataFrame, probs: np.ndarray, labels: LabelSet, threshold: float,
+                       badcases: bool = True) -> dict:
+    """`write_report` for a prepared split (columns text, [text_pair], labels): what training's valid/test
+    reports and `textclass evaluate` both write."""
+    texts, pairs = text_columns(df)
+    return write_report(
+        out_dir,
+        texts=texts,
+        text_pairs=pairs,
+        y_true=labels.encode_all(df["labels"]),
+        probs=probs,
+        label_names=labels.names,
+        multi_label=labels.multi_label,
+        threshold=threshold,
+        badcases=badcases,
+    )
 
 
 def write_report(
@@ -44,7 +64,7 @@ def write_report(
     probs = np.asarray(probs, dtype=float)
     y_true = np.asarray(y_true).astype(int)
     _check_inputs(texts, text_pairs, y_true, probs, label_names)
-    y_pred = (probs >= threshold).astype(int) if multi_label else probs.argmax(axis=1)
+    y_pred = LabelSet(list(label_names), multi_label).decide(probs, threshold)
 
     metrics: dict[str, Any] = compute_metrics(y_true, y_pred, multi_label=multi_label, num_labels=len(label_names))
     metrics["num_examples"] = len(texts)

@@ -1,4 +1,4 @@
-"""PyTorch module -> ONNX graph, per family, with dynamic batch and sequence axes.
+"""The model object's network -> ONNX graph, with dynamic batch and sequence axes.
 
 The graph takes int64 inputs named as the family's batches (`input_ids`, `attention_mask`[, `token_type_ids`]
 for encoders and the small sequence models; fastText's flat `input_ids` + `offsets`) and returns `logits` and
@@ -10,8 +10,8 @@ traces packed RNNs (`pack_padded_sequence` -> ONNX LSTM/GRU with `sequence_lens`
 with dynamic axes, exports in about a second, and its BERT graph is the pattern onnxruntime's transformer
 optimizer fuses (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization). The dynamo exporter
 fails on the data-dependent packing; the TorchScript trace of `nn.MultiheadAttention` bakes the example's
-batch x heads into a Reshape, so the small Transformer (and only it) goes through `dynamo=True`
-(torch.export with symbolic batch/sequence dimensions; needs onnxscript).
+batch x heads into a Reshape, so the small Transformer goes through `dynamo=True` (torch.export with
+symbolic batch/sequence dimensions; needs onnxscript): the model object says so (`OnnxSpec.dynamo`).
 
 A model may provide its own export form (`onnx_module(int8)`): fastText exports only the rows of its hashed
 table in use (the dense table was a 990 MB file for bbc-news) and gives its int8 graph itself.
@@ -33,6 +33,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from textclass.models.base import TextModel
+
 log = logging.getLogger("textclass")
 
 OPSET = 17  # TorchScript exporter; the dynamo exporter needs >= 18
@@ -50,12 +52,6 @@ class GraphSpec:
     exporter: str  # "torchscript" or "dynamo"
     opset: int
     quantization: dict[str, Any] | None = None  # how the model quantised itself (`int8=True`)
-
-
-def quantizes_itself(model: nn.Module) -> bool:
-    """Whether the model has its own export form (`onnx_module(int8)`), which also gives its int8 graph;
-    other models are exported as they are and quantised by onnxruntime."""
-    return callable(getattr(model, "onnx_module", None))
 
 
 class _Head(nn.Module):
@@ -79,62 +75,24 @@ class _Head(nn.Module):
         return self._out(self.model(**batch))
 
 
-def graph_inputs(family_name: str, arch: str | None, sample_batch: dict[str, torch.Tensor]) -> tuple[list[str], str]:
-    """Input names (in graph order) and batch layout for a family, from one collated batch."""
-    if family_name == "small" and arch == "fasttext":
-        return ["input_ids", "offsets"], "bags"
-    order = ["input_ids", "attention_mask", "token_type_ids"]
-    return [k for k in order if k in sample_batch], "padded"
+def export_graph(model: TextModel, sample_batch: dict[str, torch.Tensor], path: Path, int8: bool = False) -> GraphSpec:
+    """Write the model object's network to `path` as ONNX with dynamic batch/sequence axes.
 
-
-@contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[None]:
-    """Hugging Face encoders traced with eager attention (the pattern onnxruntime's BERT fusion matches),
-    restored afterwards so the parity check compares against the model as users run it."""
-    hf = [m for m in model.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")]
-    before = [getattr(m.config, "_attn_implementation", None) for m in hf]
-    try:
-        for m in hf[:1]:  # the outermost pretrained model sets it for its submodules
-            try:
-                m.set_attn_implementation("eager")
-            except (ValueError, AttributeError, TypeError):  # model without the switch: export as is
-                pass
-        yield
-    finally:
-        for m, impl in zip(hf[:1], before[:1]):
-            if impl is not None:
-                with contextlib.suppress(ValueError, AttributeError, TypeError):
-                    m.set_attn_implementation(impl)
-
-
-def export_graph(
-    model: nn.Module,
-    family_name: str,
-    arch: str | None,
-    sample_batch: dict[str, torch.Tensor],
-    multi_label: bool,
-    path: Path,
-    max_length: int,
-    int8: bool = False,
-) -> GraphSpec:
-    """Write `model` to `path` as ONNX with dynamic batch/sequence axes.
-
-    A model with its own export form (`quantizes_itself`) is traced through it; `int8` asks it for its int8 form.
+    The model says what it looks like from outside (`onnx_spec`), which module to trace (`onnx_module`, its
+    int8 form with `int8` when it `quantizes_itself`) and under which settings (`onnx_trace_context`).
     """
-    names, layout = graph_inputs(family_name, arch, sample_batch)
-    if int8 and not quantizes_itself(model):
-        raise ValueError("int8 graphs of this model come from onnxruntime's quantisation of the fp32 graph")
-    module = model.onnx_module(int8=int8) if quantizes_itself(model) else model
+    spec = model.onnx_spec(sample_batch)
+    names = spec.inputs
+    module = model.onnx_module(int8=int8)
     quantization = getattr(module, "quantization", None) if int8 else None
-    head = _Head(module.eval(), names, multi_label).eval()
+    head = _Head(module.eval(), names, model.multi_label).eval()
     args = tuple(sample_batch[n] for n in names)
-    use_dynamo = family_name == "small" and arch == "transformer"
     export = functools.partial(torch.onnx.export, head, args, str(path), input_names=names, output_names=OUTPUTS)
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _quiet():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes: covered by parity
-        if use_dynamo:
+        if spec.dynamo:
             batch_dim = torch.export.Dim("batch")
-            seq_dim = torch.export.Dim("sequence", max=max_length)
+            seq_dim = torch.export.Dim("sequence", max=int(getattr(model.cfg.model, "max_length")))
             export(
                 dynamic_shapes=({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim}),
                 opset_version=18,
@@ -142,13 +100,13 @@ def export_graph(
                 external_data=False,
                 verbose=False,
             )
-            return GraphSpec(names, layout, "dynamo", 18, quantization)
-        if layout == "bags":
+            return GraphSpec(names, spec.layout, "dynamo", 18, quantization)
+        if spec.layout == "bags":
             axes = {"input_ids": {0: "features"}, "offsets": {0: "batch"}}
         else:
             axes = {n: {0: "batch", 1: "sequence"} for n in names}
         axes.update({o: {0: "batch"} for o in OUTPUTS})
-        with eager_attention(model) if family_name == "encoder" else contextlib.nullcontext():
+        with model.onnx_trace_context():
             export(
                 dynamic_axes=axes,
                 opset_version=OPSET,
@@ -156,7 +114,7 @@ def export_graph(
                 custom_opsets=CUSTOM_OPSETS,
                 dynamo=False,
             )
-    return GraphSpec(names, layout, "torchscript", OPSET, quantization)
+    return GraphSpec(names, spec.layout, "torchscript", OPSET, quantization)
 
 
 @contextlib.contextmanager

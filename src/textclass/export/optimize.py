@@ -32,12 +32,12 @@ def _quiet_root() -> Iterator[None]:
         logging.disable(previous)
 
 
-def optimize_transformer(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+def optimize_transformer(src: Path, dst: Path, model_type: str, num_heads: int, hidden_size: int) -> dict[str, int]:
     """Fuse a BERT-like graph; returns the counts of fused operators (all zero means nothing matched)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     with _quiet_root():  # the optimizer logs every fusion at INFO through the root logger
-        opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
+        opt = optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size, opt_level=1)
         opt.save_model_to_file(str(dst))
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
     if not stats.get("Attention") and not stats.get("MultiHeadAttention"):

@@ -12,9 +12,10 @@ from typing import Any, TextIO
 import pandas as pd
 from tqdm.auto import tqdm
 
+from textclass.data.frames import text_columns
 from textclass.errors import UserError
 from textclass.fileio import atomic_write
-from textclass.inference.predictor import Predictor
+from textclass.inference.predictor import BasePredictor
 
 log = logging.getLogger("textclass")
 
@@ -42,7 +43,7 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def predictions_frame(predictor: Predictor, df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
+def predictions_frame(predictor: BasePredictor, df: pd.DataFrame, results: list[dict[str, Any]]) -> pd.DataFrame:
     """CSV layout: the input text(s), the decision, and one `score_<label>` column per class."""
     out = pd.DataFrame({"text": df["text"]})
     if "text_pair" in df.columns:
@@ -58,7 +59,7 @@ def predictions_frame(predictor: Predictor, df: pd.DataFrame, results: list[dict
 
 
 def predict_file(
-    predictor: Predictor,
+    predictor: BasePredictor,
     input_path: Path,
     output_path: Path,
     top_k: int | None = None,
@@ -89,8 +90,7 @@ def predict_file(
                 df, new_unknown = eval_frame(chunk, str(input_path), predictor.cfg.data, predictor.labels, False, number)
                 unknown.update(dict.fromkeys(new_unknown))
                 if len(df):  # a chunk of only empty texts writes nothing, not even a header
-                    pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
-                    results = predictor.predict(df["text"].tolist(), pairs, top_k=top_k, threshold=threshold)
+                    results = predictor.predict(*text_columns(df), top_k=top_k, threshold=threshold)
                     if fmt == "csv":
                         predictions_frame(predictor, df, results).to_csv(f, index=False, header=rows == 0)
                     else:
@@ -110,7 +110,7 @@ def predict_file(
     return rows, list(unknown)
 
 
-def _no_texts(predictor: Predictor, input_path: Path, output_path: Path, csv: TextIO | None) -> None:
+def _no_texts(predictor: BasePredictor, input_path: Path, output_path: Path, csv: TextIO | None) -> None:
     """No text to predict: a CSV still gets its header, so whatever reads it next sees the usual columns;
     the warning says why it is empty (every text blank: often data.text_column names the wrong column)."""
     if csv is not None:
@@ -136,7 +136,7 @@ def render_scores(result: dict[str, Any], width: int = 30) -> str:
     return "\n".join(lines)
 
 
-def interactive_loop(predictor: Predictor, top_k: int = 5) -> None:
+def interactive_loop(predictor: BasePredictor, top_k: int = 5) -> None:
     """Read sentences from the terminal until EOF or an empty line; print ranked labels."""
     print(f"labels: {', '.join(predictor.labels.names)}\ntype a sentence (empty line or Ctrl-D to quit)")
     while True:
@@ -156,17 +156,10 @@ def _dir_size(path: Path) -> int:
 
 def model_info(run_dir: str | Path, repeats: int = 5, backend: str = "auto", threads: int | None = None) -> dict[str, Any]:
     """Parameters, size on disk, labels and measured latency at batch 1 and 32 (median of `repeats`)."""
-    from textclass.inference.predictor import load_predictor
+    from textclass.inference.load import load_predictor
 
     predictor = load_predictor(run_dir, batch_size=32, threads=threads, backend=backend)
-    if predictor.backend == "onnx":  # no torch module: count the graph's weights (trainable = all of them)
-        from textclass.inference.onnx_backend import graph_parameter_count
-
-        n = graph_parameter_count(predictor)
-        counts = (n, n)
-    else:
-        params = list(predictor.model.parameters())
-        counts = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad))
+    counts = predictor.parameter_counts()
     sentence = "The committee said on Tuesday that the new rules would take effect next year after a review. "
     texts = [sentence * 3] * 32
 

@@ -26,12 +26,12 @@ import numpy as np
 from textclass.config import Config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
+from textclass.batching import BatchEncoder
 from textclass.inference.predictor import BasePredictor
-from textclass.rundir import LABELS_FILE, check_run_dir, read_run_config
+from textclass.rundir import EXPORT_FILE, ONNX_DIR, check_run_dir, read_labels, read_run_config
 
-ONNX_DIR = "onnx"
-EXPORT_FILE = "export.json"
 VARIANTS = ("fp32", "int8")
+HF_TOKENIZER_FILE = "tokenizer.json"  # written by the tokenizer's own save_pretrained, read by `tokenizers`
 
 
 def export_record_path(run_dir: str | Path) -> Path:
@@ -62,7 +62,7 @@ class RustEncoder:
     """An encoder run's tokenizer through the `tokenizers` library: what `EncoderFamily.encode` + the
     collator compute (truncation to max_length, longest-first for pairs; padding to the batch's longest)."""
 
-    def __init__(self, path: Path, max_length: int, pad_id: int, padding_side: str) -> None:
+    def __init__(self, path: Path, max_length: int, pad_id: int, padding_side: str, names: list[str]) -> None:
         from tokenizers import Tokenizer
 
         try:
@@ -74,6 +74,14 @@ class RustEncoder:
         self.max_length = max_length
         self.pad_id = pad_id
         self.left = padding_side == "left"
+        self.names = names
+
+    def features(self, texts: list[str], pairs: list[str] | None = None) -> list[dict[str, Any]]:
+        enc = self.encode(texts, pairs)
+        return [{k: enc[k][i] for k in self.names} for i in range(len(texts))]
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        return self.pad(features, self.names)
 
     def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
         if pairs is not None:
@@ -159,6 +167,21 @@ def make_session(path: Path, threads: int | None = None) -> Any:
         ) from None
 
 
+class _NumpyBatches:
+    """The model object's own encoding (a family without a torch-free tokenizer), batches as int64 arrays."""
+
+    def __init__(self, model: Any, names: list[str]) -> None:
+        self.model = model
+        self.names = names
+
+    def features(self, texts: list[str], pairs: list[str] | None = None) -> list[dict[str, Any]]:
+        return self.model.features(texts, pairs)
+
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        batch = self.model.collate(features)
+        return {k: np.asarray(batch[k], dtype=np.int64) for k in self.names}
+
+
 class OnnxPredictor(BasePredictor):
     """Same interface and outputs as the torch `Predictor`; the forward pass runs in ONNX Runtime."""
 
@@ -167,45 +190,50 @@ class OnnxPredictor(BasePredictor):
     def __init__(
         self,
         session: Any,
-        tokenizer: Any,
-        family: Any,
+        encoder: BatchEncoder,
         cfg: Config,
         labels: LabelSet,
-        record: dict[str, Any],
         batch_size: int = 32,
         variant: str = "fp32",
         path: Path | None = None,
     ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch_size: {batch_size} must be at least 1 text per batch")
         self.session = session
-        self.path = path
-        self.tokenizer = tokenizer
-        self.family = family
+        self.encoder = encoder
         self.cfg = cfg
         self.labels = labels
         self.batch_size = batch_size
-        self.record = record
         self.variant = variant
-        self.inputs: list[str] = list(record["inputs"])
-        self._family_collate: Any = None  # built on first use: only tokenizers other than RustEncoder need it
-
-    def _encode(self, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
-        if not isinstance(self.tokenizer, RustEncoder):
-            return super()._encode(texts, pairs)
-        enc = self.tokenizer.encode(texts, pairs)
-        return [{k: enc[k][i] for k in self.inputs} for i in range(len(texts))]
-
-    def _collate_batch(self, features: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        """int64 arrays named as in export.json: padded by `RustEncoder` without torch, else by the family's
-        own collator (those tokenizers import torch anyway), so both backends batch exactly alike."""
-        if isinstance(self.tokenizer, RustEncoder):
-            return self.tokenizer.pad(features, self.inputs)
-        if self._family_collate is None:
-            self._family_collate = self.family.collator(self.tokenizer, self.cfg.model)
-        batch = self._family_collate(features)
-        return {k: np.asarray(batch[k], dtype=np.int64) for k in self.inputs}
+        self.path = path
 
     def _forward(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(["probabilities"], batch)[0]
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """Weight values (initializers) in the loaded ONNX file; a graph has no trainable/frozen split."""
+        import onnx
+
+        graph = onnx.load(str(self.path), load_external_data=False).graph
+        n = int(sum(int(np.prod(t.dims)) for t in graph.initializer if t.data_type != onnx.TensorProto.INT64))
+        return n, n
+
+
+def onnx_encoder(run_dir: Path, cfg: Config, labels: LabelSet, record: dict[str, Any]) -> BatchEncoder:
+    """How the ONNX backend turns texts into the graph's inputs, as the export recorded it.
+
+    `tokenizers`: the run's tokenizer.json through the Rust `tokenizers` library, torch-free. Otherwise the
+    family's own tokenizer and padding (its modules import torch); exports made before the record said so
+    take this path too.
+    """
+    names = list(record["inputs"])
+    if record.get("text_encoding") == "tokenizers":
+        max_length = int(getattr(cfg.model, "max_length"))
+        path = run_dir / HF_TOKENIZER_FILE
+        return RustEncoder(path, max_length, int(record.get("pad_id", 0)), record.get("padding_side", "right"), names)
+    from textclass.rundir import load_model_parts
+
+    return _NumpyBatches(load_model_parts(run_dir, cfg, labels, network=False), names)
 
 
 def load_onnx_predictor(
@@ -220,41 +248,8 @@ def load_onnx_predictor(
     if variant not in record["files"]:
         raise UserError(f"{path}: no {variant} ONNX export; run `textclass export --model {path}{' --int8' if variant == 'int8' else ''}`")
     cfg = read_run_config(path)
-    labels = LabelSet.load(path / LABELS_FILE)
+    labels = read_labels(path)
     file = path / ONNX_DIR / record["files"][variant]
     session = make_session(file, threads)
-    tokenizer, family = load_tokenizer(cfg, path, record)
-    return OnnxPredictor(session, tokenizer, family, cfg, labels, record, batch_size=batch_size, variant=variant, path=file)
-
-
-def graph_parameter_count(predictor: OnnxPredictor) -> int:
-    """Number of weight values (initializers) in the loaded ONNX file, for `textclass info`."""
-    import onnx
-
-    graph = onnx.load(str(predictor.path), load_external_data=False).graph
-    return int(sum(int(np.prod(t.dims)) for t in graph.initializer if t.data_type != onnx.TensorProto.INT64))
-
-
-def load_tokenizer(cfg: Config, run_dir: Path, record: dict[str, Any]) -> tuple[Any, Any]:
-    """(tokenizer, family) for the onnx backend; `family` is None where the encoding needs no family hook.
-
-    Encoders with a `tokenizer.json` (every fast tokenizer) get the torch-free `RustEncoder`; otherwise the
-    family's own tokenizer and `encode` are used (transformers' AutoTokenizer and the small family's
-    modules import torch).
-    """
-    if cfg.model.family == "encoder" and (run_dir / "tokenizer.json").is_file() and "pad_id" in record:
-        encoder = RustEncoder(run_dir / "tokenizer.json", cfg.model.max_length, int(record["pad_id"]), record.get("padding_side", "right"))
-        return encoder, None
-    from textclass.models.registry import get_family
-
-    family = get_family(cfg.model.family)
-    if cfg.model.family == "encoder":
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(run_dir), family
-        except (OSError, ValueError) as err:
-            raise UserError(f"{run_dir}: the tokenizer files are missing or damaged ({type(err).__name__})") from None
-    from textclass.text import TOKENIZER_FILE, TextTokenizer
-
-    return TextTokenizer.load(run_dir / TOKENIZER_FILE), family
+    encoder = onnx_encoder(path, cfg, labels, record)
+    return OnnxPredictor(session, encoder, cfg, labels, batch_size=batch_size, variant=variant, path=file)

@@ -2,7 +2,7 @@
 
 Two heads:
 - `linear`: AutoModel -> pooling (`cls` or `mean`) -> dropout -> linear. Saved as `model.safetensors`
-  (our module's state dict) beside `encoder_config.json` and the tokenizer.
+  (our module's state dict) beside `encoder_config.json` and the tokenizer (file names: `rundir`).
 - `hf`: AutoModelForSequenceClassification, saved with `save_pretrained`, so the run directory also loads
   in `transformers.pipeline("text-classification", model=DIR)`.
 
@@ -12,19 +12,23 @@ BERT-likes, last for XLNet-style left padding) instead of assuming position 0.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from textclass.config import DEFAULT_ENCODER, EncoderModelConfig
+from textclass.config import DEFAULT_ENCODER, Config, EncoderModelConfig
+from textclass.data.labels import LabelSet
 from textclass.errors import UserError
-from textclass.models.registry import MODEL_FILE_ERRORS, Collator, Family, register
+from textclass.models.base import OnnxSpec, TextModel
+from textclass.models.registry import MODEL_FILE_ERRORS, Family, register
+from textclass.rundir import ENCODER_CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger("textclass")
 
@@ -108,70 +112,107 @@ class HFHeadClassifier(nn.Module):
         return [n for n, _ in self.named_parameters() if not n.startswith(prefix)]
 
 
-@register("encoder")
-class EncoderFamily(Family):
-    """Hugging Face encoders through AutoModel/AutoTokenizer."""
+class EncoderModel(TextModel):
+    """A Hugging Face encoder with its head and tokenizer."""
 
-    def build_tokenizer(self, cfg: EncoderModelConfig, train_texts: list[str]) -> Any:
-        from transformers import AutoTokenizer
-
-        return _load_pretrained(AutoTokenizer, cfg.name, "tokenizer")
-
-    def encode(self, tokenizer: Any, cfg: EncoderModelConfig, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
-        enc = tokenizer(texts, pairs, truncation=True, max_length=cfg.max_length)
+    def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.cfg.model.max_length)
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
-    def collator(self, tokenizer: Any, cfg: EncoderModelConfig) -> Collator:
-        def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-            return dict(tokenizer.pad(features, padding=True, return_tensors="pt"))
+    def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
 
-        return collate
-
-    def build_model(
-        self, cfg: EncoderModelConfig, num_labels: int, tokenizer: Any, id2label: dict[int, str], multi_label: bool = False
-    ) -> nn.Module:
-        from transformers import AutoModel, AutoModelForSequenceClassification
-
-        if cfg.head == "hf":
-            model = _load_pretrained(
-                AutoModelForSequenceClassification,
-                cfg.name,
-                "model",
-                num_labels=num_labels,
-                id2label=id2label,
-                label2id={v: k for k, v in id2label.items()},
-                # Recorded in config.json so `pipeline()` applies sigmoid, not softmax, to a multi-label run.
-                problem_type="multi_label_classification" if multi_label else "single_label_classification",
-                ignore_mismatched_sizes=True,
-            )
-            return HFHeadClassifier(model)
-        kwargs = {"add_pooling_layer": False} if _has_pooler_arg(cfg) else {}
-        encoder = _load_pretrained(AutoModel, cfg.name, "model", **kwargs)
-        return EncoderClassifier(encoder, num_labels, cfg.pooling, cfg.dropout, tokenizer.cls_token_id)
-
-    def save(self, model: nn.Module, tokenizer: Any, cfg: EncoderModelConfig, run_dir: Path) -> None:
-        tokenizer.save_pretrained(run_dir)
-        if isinstance(model, HFHeadClassifier):
-            model.model.save_pretrained(run_dir, safe_serialization=True)
+    def save_weights(self, run_dir: Path) -> None:
+        self.tokenizer.save_pretrained(run_dir)
+        if isinstance(self.network, HFHeadClassifier):
+            self.network.model.save_pretrained(run_dir, safe_serialization=True)
             return
-        assert isinstance(model, EncoderClassifier)
-        (run_dir / "encoder_config.json").write_text(model.encoder.config.to_json_string(), encoding="utf-8")
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(run_dir / "model.safetensors"), metadata={"format": "pt"})
+        assert isinstance(self.network, EncoderClassifier)
+        (run_dir / ENCODER_CONFIG_FILE).write_text(self.network.encoder.config.to_json_string(), encoding="utf-8")
+        state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
+        save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt"})
 
-    def load(self, cfg: EncoderModelConfig, run_dir: Path, num_labels: int, id2label: dict[int, str]) -> tuple[nn.Module, Any]:
+    def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
+        spec = super().onnx_spec(sample_batch)
+        spec.pad_id = int(self.tokenizer.pad_token_id or 0)
+        spec.padding_side = getattr(self.tokenizer, "padding_side", "right")
+        return spec
+
+    @contextlib.contextmanager
+    def onnx_trace_context(self) -> Iterator[None]:
+        """Eager attention while tracing: the pattern onnxruntime's BERT fusion matches. Restored afterwards, so
+        the parity check compares against the model as users run it."""
+        hf = [m for m in self.network.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")][:1]
+        before = [getattr(m.config, "_attn_implementation", None) for m in hf]
+        try:
+            for m in hf:  # the outermost pretrained model sets it for its submodules
+                with contextlib.suppress(ValueError, AttributeError, TypeError):  # no switch: export as is
+                    m.set_attn_implementation("eager")
+            yield
+        finally:
+            for m, impl in zip(hf, before):
+                if impl is not None:
+                    with contextlib.suppress(ValueError, AttributeError, TypeError):
+                        m.set_attn_implementation(impl)
+
+    def onnx_fusion(self) -> dict[str, Any] | None:
+        for m in self.network.modules():
+            config = getattr(m, "config", None)
+            if config is not None and getattr(config, "num_attention_heads", None):
+                return {"model_type": "bert", "num_heads": int(config.num_attention_heads), "hidden_size": int(config.hidden_size)}
+        return {"model_type": "bert", "num_heads": 0, "hidden_size": 0}  # onnxruntime detects them from the graph
+
+    def onnx_text_encoding(self) -> str:
+        return "tokenizers" if getattr(self.tokenizer, "is_fast", False) else "family"
+
+
+@register("encoder")
+class EncoderFamily(Family[EncoderModelConfig]):
+    """Hugging Face encoders through AutoModel/AutoTokenizer."""
+
+    def create(self, cfg: Config, labels: LabelSet, train_texts: list[str]) -> EncoderModel:
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        mcfg = cfg.model
+        assert isinstance(mcfg, EncoderModelConfig)
+        tokenizer = _load_pretrained(AutoTokenizer, mcfg.name, "tokenizer")
+        network: nn.Module
+        if mcfg.head == "hf":
+            network = HFHeadClassifier(
+                _load_pretrained(
+                    AutoModelForSequenceClassification,
+                    mcfg.name,
+                    "model",
+                    num_labels=labels.num_labels,
+                    id2label=labels.id2label,
+                    label2id=labels.label2id,
+                    # Recorded in config.json so `pipeline()` applies sigmoid, not softmax, to a multi-label run.
+                    problem_type="multi_label_classification" if labels.multi_label else "single_label_classification",
+                    ignore_mismatched_sizes=True,
+                )
+            )
+        else:
+            kwargs = {"add_pooling_layer": False} if _has_pooler_arg(mcfg) else {}
+            encoder = _load_pretrained(AutoModel, mcfg.name, "model", **kwargs)
+            network = EncoderClassifier(encoder, labels.num_labels, mcfg.pooling, mcfg.dropout, tokenizer.cls_token_id)
+        return EncoderModel(self, network, tokenizer, labels, cfg)
+
+    def load(self, run_dir: Path, cfg: Config, labels: LabelSet, network: bool = True) -> EncoderModel:
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+        mcfg = cfg.model
+        assert isinstance(mcfg, EncoderModelConfig)
         tokenizer = AutoTokenizer.from_pretrained(run_dir)
-        if cfg.head == "hf":
-            model: nn.Module = HFHeadClassifier(AutoModelForSequenceClassification.from_pretrained(run_dir))
-        else:
-            enc_cfg = AutoConfig.for_model(**json.loads((run_dir / "encoder_config.json").read_text(encoding="utf-8")))
-            kwargs = {"add_pooling_layer": False} if _has_pooler_arg(cfg, enc_cfg) else {}
-            encoder = AutoModel.from_config(enc_cfg, **kwargs)
-            model = EncoderClassifier(encoder, num_labels, cfg.pooling, cfg.dropout, tokenizer.cls_token_id)
-            model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        return model.eval(), tokenizer
+        net: nn.Module = nn.Module()
+        if network and mcfg.head == "hf":
+            net = HFHeadClassifier(AutoModelForSequenceClassification.from_pretrained(run_dir))
+        elif network:
+            enc_cfg = AutoConfig.for_model(**json.loads((run_dir / ENCODER_CONFIG_FILE).read_text(encoding="utf-8")))
+            kwargs = {"add_pooling_layer": False} if _has_pooler_arg(mcfg, enc_cfg) else {}
+            net = EncoderClassifier(AutoModel.from_config(enc_cfg, **kwargs), labels.num_labels, mcfg.pooling, mcfg.dropout,
+                                    tokenizer.cls_token_id)
+            net.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+        return EncoderModel(self, net.eval(), tokenizer, labels, cfg)
 
 
 def _has_pooler_arg(cfg: EncoderModelConfig, enc_cfg: Any = None) -> bool:

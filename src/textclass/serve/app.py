@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from textclass.inference.predictor import BasePredictor
-from textclass.serve import ServeSettings
 from textclass.serve.batcher import MicroBatcher
 from textclass.serve.hf_api import add_hf_routes
 from textclass.serve.metrics import Metrics, ServerState, ServingMiddleware, error_body
+from textclass.serve.settings import ServeSettings
 from textclass.serve.submit import CLIENT_GONE, ClientGone, ErrorBody, submit_texts
 
 log = logging.getLogger(__name__)

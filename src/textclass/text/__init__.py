@@ -1,6 +1,6 @@
 """Tokenizers and vocabularies of the small model family (fastText, TextCNN, RNNs, small Transformer)."""
 
-from textclass.text.tokenizers import TOKENIZER_FILE, TextTokenizer, cjk_share, resolve_kind
+from textclass.text.tokenizers import TextTokenizer, cjk_share, resolve_kind
 from textclass.text.vocab import PAD, PAD_ID, SEP, SEP_ID, SPECIALS, UNK, UNK_ID, Vocab, load_word2vec
 
 __all__ = [
@@ -9,7 +9,6 @@ __all__ = [
     "SEP",
     "SEP_ID",
     "SPECIALS",
-    "TOKENIZER_FILE",
     "UNK",
     "UNK_ID",
     "TextTokenizer",

@@ -28,7 +28,6 @@ from textclass.text.vocab import SEP, SPECIALS, UNK_ID, Vocab
 
 log = logging.getLogger("textclass")
 
-TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 KINDS = ("word", "char", "jieba")
 
@@ -160,7 +159,7 @@ class TextTokenizer:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = TOKENIZER_FILE) -> TextTokenizer:
+    def from_dict(cls, data: dict[str, Any], source: str = "tokenizer") -> TextTokenizer:
         try:
             return cls(data["kind"], Vocab(list(data["vocab"])), bool(data["lowercase"]), data.get("requested"))
         except (KeyError, TypeError):

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from textclass.config import Config
+from textclass.config import Config, upgrade_run_config
 from textclass.errors import UserError
 from textclass.rundir import CHECKPOINTS_DIR, CONFIG_FILE, PENDING_CONFIG
 
@@ -66,7 +66,7 @@ def load_pending_config(run_dir: Path) -> dict[str, Any]:
         raw = None
     if not isinstance(raw, dict):
         raise UserError(f"{p}: unreadable; the interrupted run cannot be resumed, train again with --overwrite")
-    return raw
+    return upgrade_run_config(raw)  # written by an older textclass: small-model keys of other archs dropped
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

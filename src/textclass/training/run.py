@@ -13,16 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from textclass.config import Config, save_config
+from textclass.data.frames import text_columns
 from textclass.data.prepare import PreparedData, prepare_data
 from textclass.errors import Interrupted, UserError
-from textclass.inference.predictor import Predictor
+from textclass.evaluation import plot_training_curves, write_split_report
+from textclass.models.base import TextModel
 from textclass.models.registry import get_family
-from textclass.fileio import write_json
-from textclass.rundir import CHECKPOINTS_DIR, CONFIG_FILE, LABELS_FILE, METRICS_FILE
+from textclass.rundir import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EVAL_DIR,
+    TRAINING_CURVES_FILE,
+    load_model_parts,
+    write_parity_sample,
+    write_run,
+)
 from textclass.training.losses import make_loss
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
 from textclass.training.trainer import build_trainer, tokenize
@@ -89,32 +97,33 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     data = prepare_data(cfg.data)
     _log_data(data)
     check_metric_fits_task(cfg, data.labels.multi_label)
-    # Small models fit their vocabulary here: on a pair task the second texts' words count too.
-    tokenizer = family.build_tokenizer(cfg.model, data.train["text"].tolist() + (_pairs(data.train) or []))
+    texts, pairs = text_columns(data.train)
     set_seed(cfg.training.seed)
-    model = family.build_model(
-        cfg.model, data.labels.num_labels, tokenizer, data.labels.id2label, multi_label=data.labels.multi_label
-    )
-    train_labels = np.asarray([data.labels.encode(ls) for ls in data.train["labels"]])
-    loss_fn = make_loss(data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights, train_labels)
+    # Small models fit their vocabulary here: on a pair task the second texts' words count too.
+    model = family.create(cfg, data.labels, texts + (pairs or []))
+    loss_fn = make_loss(data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights,
+                        data.labels.encode_all(data.train["labels"]))
 
     created = prepare_run_dir(run_dir, resume, overwrite)
     try:
         save_config(cfg, pending_config(run_dir))
-        train_ds = tokenize(family, tokenizer, cfg, data.train, data.labels)
-        valid_ds = tokenize(family, tokenizer, cfg, data.valid, data.labels)
-        trainer = build_trainer(cfg, family, model, tokenizer, data.labels, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn)
+        train_ds, valid_ds = tokenize(model, data.train), tokenize(model, data.valid)
+        trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir) if resume else None)
         _log_kept(trainer, cfg)
+        model.network = trainer.model  # the kept weights (the Trainer loads the best checkpoint's into its model)
+        model.save_weights(run_dir)
+        write_parity_sample(run_dir, data.valid, seed=cfg.data.seed)
         # Reports come from the weights exactly as saved and loaded back, in fp32 without autocast: what
         # `evaluate`, `predict` and `serve` will compute, not the training-time (possibly bf16) forward.
-        family.save(trainer.model, tokenizer, cfg.model, run_dir)
-        saved, saved_tokenizer = family.load(cfg.model, run_dir, data.labels.num_labels, data.labels.id2label)
-        predictor = Predictor(saved, saved_tokenizer, family, cfg, data.labels, batch_size=cfg.training.eval_batch_size)
+        saved = load_model_parts(run_dir, cfg, data.labels)
         metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
-        reports = _reports(run_dir, cfg, data, predictor)
+        reports = _reports(run_dir, data, saved)
         metrics.update({split: r["metrics"] for split, r in reports.items()})
-        _write_run(run_dir, cfg, data, trainer, metrics)
+        plot_training_curves(trainer.state.log_history, run_dir / TRAINING_CURVES_FILE)
+        if not cfg.training.keep_checkpoints:
+            shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        write_run(run_dir, saved, metrics, trainer.state.log_history, {"sources": data.sources, **data.audit})
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(run_dir, created)) from None
     return TrainResult(run_dir, metrics, reports)
@@ -140,20 +149,22 @@ def check_metric_fits_task(cfg: Config, multi_label: bool) -> None:
         )
 
 
-def _reports(run_dir: Path, cfg: Config, data: PreparedData, predictor: Predictor) -> dict[str, dict[str, Any]]:
+def _reports(run_dir: Path, data: PreparedData, model: TextModel) -> dict[str, dict[str, Any]]:
     """Valid (after threshold tuning, which it drives) and test reports of the saved model."""
-    valid_probs = predictor.predict_proba(data.valid["text"].tolist(), _pairs(data.valid))
-    if data.labels.multi_label and cfg.evaluation.tune_threshold:
+    cfg, labels, batch_size = model.cfg, model.labels, model.cfg.training.eval_batch_size
+    valid_probs = model.predict_proba(*text_columns(data.valid), batch_size=batch_size)
+    if labels.multi_label and cfg.evaluation.tune_threshold:
         from textclass.evaluation import tune_threshold
 
-        y = np.asarray([data.labels.encode(ls) for ls in data.valid["labels"]], dtype=int)
-        cfg.evaluation.threshold, f1 = tune_threshold(y, valid_probs)
+        cfg.evaluation.threshold, f1 = tune_threshold(labels.encode_all(data.valid["labels"]), valid_probs)
         log.info("tuned multi-label threshold on valid: %.2f (micro-F1 %.4f)", cfg.evaluation.threshold, f1)
-    reports = {"valid": _report(run_dir / "eval" / "valid", data.valid, valid_probs, predictor)}
+    splits = {"valid": (data.valid, valid_probs)}
     if data.test is not None:
-        test_probs = predictor.predict_proba(data.test["text"].tolist(), _pairs(data.test), progress=True)
-        reports["test"] = _report(run_dir / "eval" / "test", data.test, test_probs, predictor)
-    return reports
+        splits["test"] = (data.test, model.predict_proba(*text_columns(data.test), batch_size=batch_size, progress=True))
+    return {
+        name: write_split_report(run_dir / EVAL_DIR / name, df, probs, labels, cfg.evaluation.threshold, cfg.evaluation.badcases)
+        for name, (df, probs) in splits.items()
+    }
 
 
 def _interrupted_message(run_dir: Path, created: bool) -> str:
@@ -182,28 +193,6 @@ def _log_kept(trainer: Any, cfg: Config) -> None:
     log.info("final_model=%s: keeping step %d of %d%s", cfg.training.final_model, _kept_step(trainer), state.global_step, best)
 
 
-def _pairs(df: Any) -> list[str] | None:
-    return df["text_pair"].tolist() if "text_pair" in df.columns else None
-
-
-def _report(out_dir: Path, df: Any, probs: np.ndarray, predictor: Predictor) -> dict[str, Any]:
-    from textclass.evaluation import write_report
-
-    labels = predictor.labels
-    y_true = np.asarray([labels.encode(ls) for ls in df["labels"]])
-    return write_report(
-        out_dir,
-        texts=df["text"].tolist(),
-        text_pairs=_pairs(df),
-        y_true=y_true.astype(int),
-        probs=probs,
-        label_names=labels.names,
-        multi_label=labels.multi_label,
-        threshold=predictor.threshold,
-        badcases=predictor.cfg.evaluation.badcases,
-    )
-
-
 def _train_summary(trainer: Any) -> dict[str, Any]:
     state = trainer.state
     last = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})
@@ -218,20 +207,6 @@ def _train_summary(trainer: Any) -> dict[str, Any]:
         "train_samples_per_second": last.get("train_samples_per_second"),
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
     }
-
-
-def _write_run(run_dir: Path, cfg: Config, data: PreparedData, trainer: Any, metrics: dict) -> None:
-    """Logs and reports after the weights; config and labels (the 'finished' marks) last."""
-    from textclass.evaluation import plot_training_curves
-
-    write_json(run_dir / "training_log.json", trainer.state.log_history)
-    plot_training_curves(trainer.state.log_history, run_dir / "training_curves.png")
-    write_json(run_dir / "data_audit.json", {"sources": data.sources, **data.audit})
-    write_json(run_dir / METRICS_FILE, metrics)
-    if not cfg.training.keep_checkpoints:
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-    data.labels.save(run_dir / LABELS_FILE)
-    save_config(cfg, run_dir / CONFIG_FILE)
 
 
 def _log_data(data: PreparedData) -> None:

@@ -25,10 +25,12 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from transformers.trainer_utils import EvalPrediction
 
 from textclass.config import Config
+from textclass.data.frames import text_columns
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
-from textclass.inference.predictor import make_collator, probabilities
+from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
+from textclass.rundir import TENSORBOARD_DIR
 from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, param_groups, sparse_parameters
 
 LOWER_IS_BETTER = {"loss", "hamming_loss"}
@@ -235,20 +237,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return state + json.dumps(extra, sort_keys=True)
 
 
-def _encoding_code_version(family: Family) -> str:
-    """textclass's version, ENCODING_VERSION and the family module's source, so changed code re-tokenizes."""
+def _encoding_code_version(model: TextModel) -> str:
+    """textclass's version, ENCODING_VERSION and the model class's module source, so changed code re-tokenizes."""
     import inspect
 
     from textclass import __version__
 
     try:
-        source = inspect.getsource(inspect.getmodule(type(family)))  # type: ignore[arg-type]
+        source = inspect.getsource(inspect.getmodule(type(model)))  # type: ignore[arg-type]
     except (OSError, TypeError):
         source = ""
     return f"{__version__}/{ENCODING_VERSION}/{hashlib.sha256(source.encode()).hexdigest()}"
 
 
-def tokenize(family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labels: LabelSet | None) -> Any:
+def tokenize(model: TextModel, df: pd.DataFrame, with_labels: bool = True) -> Any:
     """Tokenize a split once into an Arrow-backed `datasets.Dataset`, cached on disk by content.
 
     The cache key covers the model section (tokenizer and max length), the texts, the tokenizer's own
@@ -257,12 +259,11 @@ def tokenize(family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labe
     """
     import datasets
 
-    texts = df["text"].tolist()
-    pairs = df["text_pair"].tolist() if "text_pair" in df.columns else None
+    texts, pairs = text_columns(df)
     h = hashlib.sha256()
-    h.update(cfg.model.model_dump_json().encode())
-    h.update(_encoding_code_version(family).encode())
-    h.update(tokenizer_fingerprint(tokenizer).encode())
+    h.update(model.cfg.model.model_dump_json().encode())
+    h.update(_encoding_code_version(model).encode())
+    h.update(tokenizer_fingerprint(model.tokenizer).encode())
     h.update(json.dumps([texts, pairs], ensure_ascii=False).encode())
     folder = cache_dir() / "tokenized"
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,7 @@ def tokenize(family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labe
     ds = datasets.Dataset.from_dict(data)
 
     def enc(batch: dict[str, list]) -> dict[str, list]:
-        out = family.encode(tokenizer, cfg.model, batch["text"], batch.get("text_pair"))
+        out = model.encode(batch["text"], batch.get("text_pair"))
         out["length"] = [len(x) for x in out["input_ids"]]
         return out
 
@@ -282,8 +283,8 @@ def tokenize(family: Family, tokenizer: Any, cfg: Config, df: pd.DataFrame, labe
         cache_file_name=str(folder / f"{h.hexdigest()[:32]}.arrow"),
         desc="Tokenizing",
     )
-    if labels is not None:
-        ds = ds.add_column("labels", [labels.encode(ls) for ls in df["labels"]])
+    if with_labels:
+        ds = ds.add_column("labels", model.labels.encode_all(df["labels"]).tolist())
     return ds
 
 
@@ -379,41 +380,28 @@ def metrics_fn(labels: LabelSet, threshold: float) -> Any:
     def fn(pred: EvalPrediction) -> dict[str, float]:
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         probs = probabilities(torch.as_tensor(logits), labels.multi_label).numpy()
-        y_true = np.asarray(pred.label_ids)
-        if labels.multi_label:
-            y_pred = (probs >= threshold).astype(int)
-            y_true = y_true.astype(int)
-        else:
-            y_pred = probs.argmax(-1)
+        y_true = np.asarray(pred.label_ids).astype(int)
+        y_pred = labels.decide(probs, threshold)
         return compute_metrics(y_true, y_pred, multi_label=labels.multi_label, num_labels=labels.num_labels)
 
     return fn
 
 
-def build_trainer(
-    cfg: Config,
-    family: Family,
-    model: nn.Module,
-    tokenizer: Any,
-    labels: LabelSet,
-    train_ds: Any,
-    valid_ds: Any,
-    output_dir: Path,
-    loss_fn: nn.Module,
-) -> ClassifierTrainer:
-    """Assemble the Trainer with our loss, metrics, collator and callbacks."""
+def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Path, loss_fn: nn.Module) -> ClassifierTrainer:
+    """Assemble the Trainer around the model object: our loss, metrics, collator and callbacks."""
+    cfg = model.cfg
     callbacks: list[Any] = []
     if cfg.training.early_stopping_patience and valid_ds is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
     if cfg.training.tensorboard:
-        callbacks.append(tensorboard_callback(output_dir.parent / "tensorboard"))
+        callbacks.append(tensorboard_callback(output_dir.parent / TENSORBOARD_DIR))
     return ClassifierTrainer(
-        model=model,
-        args=training_arguments(cfg, family, output_dir, valid_ds is not None),
+        model=model.network,
+        args=training_arguments(cfg, model.family, output_dir, valid_ds is not None),
         train_dataset=PackedRows(train_ds),
         eval_dataset=None if valid_ds is None else PackedRows(valid_ds),  # numpy rows, as for training
-        data_collator=make_collator(family, tokenizer, cfg, labels.multi_label),
-        compute_metrics=metrics_fn(labels, cfg.evaluation.threshold),
+        data_collator=model.collate,
+        compute_metrics=metrics_fn(model.labels, cfg.evaluation.threshold),
         callbacks=callbacks,
         loss_fn=loss_fn,
         head_lr_scale=cfg.training.head_lr_scale,

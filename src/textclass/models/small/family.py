@@ -9,8 +9,9 @@ Batches: the sequence models get right-padded `input_ids` + `attention_mask`; fa
 tensor + `offsets` for its EmbeddingBag (vocabulary ids then hashed n-gram rows, no padding). Text pairs are
 joined as `text <sep> pair` by the tokenizer.
 
-Run directory: `tokenizer.json` (kind, lowercase, vocabulary; JSON) and `model.safetensors` (the state
-dict). `load` rebuilds the network from the saved config and never reads `pretrained_vectors` again.
+Run directory: `textclass_tokenizer.json` (kind, lowercase, vocabulary; JSON; runs saved before read as
+`tokenizer.json`, a name Hugging Face tools take for theirs) and `model.safetensors` (the state dict). `load`
+rebuilds the network from the saved config and never reads `pretrained_vectors` again.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from textclass.config import SmallModelConfig
+from textclass.config import Config, SmallModelConfig
+from textclass.data.labels import LabelSet
 from textclass.errors import UserError
-from textclass.models.registry import Collator, Family, register
+from textclass.models.base import OnnxSpec, TextModel
+from textclass.models.registry import Family, register
 from textclass.models.small.cnn import TextCNN
 from textclass.models.small.common import pad_batch
 from textclass.models.small.fasttext import FastText, batch_hashed_features, collate_bags, uses_buckets
 from textclass.models.small.rnn import TextRCNN, TextRNN
 from textclass.models.small.transformer import TransformerClassifier
-from textclass.text import TOKENIZER_FILE, UNK_ID, TextTokenizer, load_word2vec
+from textclass.rundir import LEGACY_SMALL_TOKENIZER_FILE, SMALL_TOKENIZER_FILE, WEIGHTS_FILE
+from textclass.text import UNK_ID, TextTokenizer, load_word2vec
 
 log = logging.getLogger("textclass")
-
-WEIGHTS_FILE = "model.safetensors"
 
 _Builder = Callable[[SmallModelConfig, int, int], nn.Module]
 _BUILDERS: dict[str, _Builder] = {
@@ -72,24 +74,8 @@ DEFAULT_LEARNING_RATES = {"fasttext": 4e-2, "textcnn": 1e-3, "textrnn": 1e-3, "t
 DEFAULT_BATCH_SIZES = {"fasttext": 256, "textcnn": 16, "textrnn": 16, "textrcnn": 16, "transformer": 16}
 
 
-def check_config(cfg: SmallModelConfig) -> None:
-    """Combinations the schema cannot check field by field."""
-    if cfg.arch == "textcnn" and (not cfg.filter_sizes or min(cfg.filter_sizes) < 1):
-        raise UserError(
-            f"model.filter_sizes: {cfg.filter_sizes} must be a non-empty list of widths >= 1, e.g. [2, 3, 4]"
-        )
-    if cfg.arch == "transformer" and cfg.hidden_size % cfg.num_heads:
-        raise UserError(
-            f"model.num_heads: {cfg.num_heads} does not divide model.hidden_size {cfg.hidden_size}; "
-            "pick num_heads that divides it (e.g. 4 for 128)"
-        )
-    if cfg.arch == "fasttext" and cfg.maxn > 0 and cfg.minn > cfg.maxn:
-        raise UserError(f"model.minn: {cfg.minn} is larger than model.maxn {cfg.maxn}; e.g. minn: 3, maxn: 6")
-
-
 def make_model(cfg: SmallModelConfig, vocab_size: int, num_labels: int) -> nn.Module:
-    """The network for `cfg.arch`, freshly initialised."""
-    check_config(cfg)
+    """The network for `cfg.arch`, freshly initialised (the config's own validators checked its key combinations)."""
     return _BUILDERS[cfg.arch](cfg, vocab_size, num_labels)
 
 
@@ -105,13 +91,60 @@ def init_from_vectors(model: nn.Module, tokenizer: TextTokenizer, cfg: SmallMode
     return len(ids)
 
 
-def _pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    input_ids, attention_mask = pad_batch([f["input_ids"] for f in features])
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+class SmallModel(TextModel):
+    """A small network over textclass's own tokenizer (fastText, TextCNN, TextRNN, TextRCNN, Transformer)."""
+
+    @property
+    def _bags(self) -> bool:
+        return self.cfg.model.arch == "fasttext"
+
+    def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
+        """`input_ids`: vocabulary ids of the first `max_length` tokens (never empty).
+
+        For fastText the hashed n-gram rows follow the vocabulary ids in the same list. One column keeps
+        the Arrow cache schema fixed: a separate n-gram column can be empty for a whole batch (one-word
+        texts), `datasets` then infers a null type and fails on the next batch.
+        """
+        cfg, tokenizer = self.cfg.model, self.tokenizer
+        tokens = [tokenizer.tokens(t, pairs[i] if pairs is not None else None, cfg.max_length) for i, t in enumerate(texts)]
+        ids = [tokenizer.vocab.ids(ts) or [UNK_ID] for ts in tokens]
+        if self._bags and uses_buckets(cfg.word_ngrams, cfg.maxn):
+            hashed = batch_hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
+            ids = [row + extra for row, extra in zip(ids, hashed)]
+        return {"input_ids": ids}
+
+    def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self._bags:
+            return collate_bags(features)
+        input_ids, attention_mask = pad_batch([f["input_ids"] for f in features])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save_weights(self, run_dir: Path) -> None:
+        self.tokenizer.save(run_dir / SMALL_TOKENIZER_FILE)
+        compact = getattr(self.network, "compact_state_dict", None)  # fastText: its sparse table form, rows from a full scan
+        state = compact(scan=True) if compact is not None else self.network.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt", "arch": self.cfg.model.arch})
+
+    def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
+        if self._bags:
+            return OnnxSpec(["input_ids", "offsets"], layout="bags")
+        # The TorchScript trace of nn.MultiheadAttention bakes the example's batch x heads into a Reshape.
+        spec = super().onnx_spec(sample_batch)
+        spec.dynamo = self.cfg.model.arch == "transformer"
+        return spec
+
+    def onnx_module(self, int8: bool = False) -> nn.Module:
+        lean = getattr(self.network, "onnx_module", None)  # fastText: only the table rows in use
+        return lean(int8=int8) if lean is not None else super().onnx_module(int8)
+
+    @property
+    def quantizes_itself(self) -> bool:
+        return hasattr(self.network, "onnx_module")
 
 
 @register("small")
-class SmallFamily(Family):
+class SmallFamily(Family[SmallModelConfig]):
     """fastText, TextCNN, TextRNN, TextRCNN and a small Transformer over our own tokenizers."""
 
     cpu_autocast = False  # their cost is embedding lookups, which autocast does not speed up
@@ -127,64 +160,33 @@ class SmallFamily(Family):
         """`best`: trained from scratch for many epochs at high rates, small models improve unevenly."""
         return "best"
 
-    def build_tokenizer(self, cfg: SmallModelConfig, train_texts: list[str]) -> TextTokenizer:
-        return TextTokenizer.fit(train_texts, cfg.tokenizer, cfg.lowercase, cfg.min_freq, cfg.max_vocab)
+    def create(self, cfg: Config, labels: LabelSet, train_texts: list[str]) -> SmallModel:
+        mcfg = cfg.model
+        assert isinstance(mcfg, SmallModelConfig)
+        tokenizer = TextTokenizer.fit(train_texts, mcfg.tokenizer, mcfg.lowercase, mcfg.min_freq, mcfg.max_vocab)
+        network = make_model(mcfg, len(tokenizer.vocab), labels.num_labels)
+        init_from_vectors(network, tokenizer, mcfg)
+        return SmallModel(self, network, tokenizer, labels, cfg)
 
-    def encode(
-        self, tokenizer: TextTokenizer, cfg: SmallModelConfig, texts: list[str], pairs: list[str] | None
-    ) -> dict[str, list]:
-        """`input_ids`: vocabulary ids of the first `max_length` tokens (never empty).
-
-        For fastText the hashed n-gram rows follow the vocabulary ids in the same list. One column keeps
-        the Arrow cache schema fixed: a separate n-gram column can be empty for a whole batch (one-word
-        texts), `datasets` then infers a null type and fails on the next batch.
-        """
-        tokens = [tokenizer.tokens(t, pairs[i] if pairs is not None else None, cfg.max_length) for i, t in enumerate(texts)]
-        ids = [tokenizer.vocab.ids(ts) or [UNK_ID] for ts in tokens]
-        if cfg.arch == "fasttext" and uses_buckets(cfg.word_ngrams, cfg.maxn):
-            hashed = batch_hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
-            ids = [row + extra for row, extra in zip(ids, hashed)]
-        return {"input_ids": ids}
-
-    def collator(self, tokenizer: TextTokenizer, cfg: SmallModelConfig) -> Collator:
-        return collate_bags if cfg.arch == "fasttext" else _pad_collate
-
-    def build_model(
-        self,
-        cfg: SmallModelConfig,
-        num_labels: int,
-        tokenizer: TextTokenizer,
-        id2label: dict[int, str],
-        multi_label: bool = False,  # the task lives in labels.json; the network is the same either way
-    ) -> nn.Module:
-        model = make_model(cfg, len(tokenizer.vocab), num_labels)
-        init_from_vectors(model, tokenizer, cfg)
-        return model
-
-    def save(self, model: nn.Module, tokenizer: TextTokenizer, cfg: SmallModelConfig, run_dir: Path) -> None:
+    def load(self, run_dir: Path, cfg: Config, labels: LabelSet, network: bool = True) -> SmallModel:
+        mcfg = cfg.model
+        assert isinstance(mcfg, SmallModelConfig)
         run_dir = Path(run_dir)
-        tokenizer.save(run_dir / TOKENIZER_FILE)
-        compact = getattr(model, "compact_state_dict", None)  # fastText: its sparse table form, rows from a full scan
-        state = compact(scan=True) if compact is not None else model.state_dict()
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt", "arch": cfg.arch})
-
-    def load(
-        self, cfg: SmallModelConfig, run_dir: Path, num_labels: int, id2label: dict[int, str]
-    ) -> tuple[nn.Module, TextTokenizer]:
-        run_dir = Path(run_dir)
-        tokenizer = TextTokenizer.load(run_dir / TOKENIZER_FILE)
+        tok_file = run_dir / SMALL_TOKENIZER_FILE
+        tokenizer = TextTokenizer.load(tok_file if tok_file.is_file() else run_dir / LEGACY_SMALL_TOKENIZER_FILE)
+        if not network:
+            return SmallModel(self, nn.Module(), tokenizer, labels, cfg)
         weights = run_dir / WEIGHTS_FILE
         if not weights.is_file():
             raise UserError(f"{weights}: weights missing; the run directory is incomplete, train again")
         # Built on the meta device and then allocated uninitialised: no throw-away random init of fastText's
         # ~1 GB table. The weights are copied in (not assigned), so the model never aliases the file's mmap.
         with torch.device("meta"):
-            model = make_model(cfg, len(tokenizer.vocab), num_labels)
-        model = model.to_empty(device="cpu")
+            net = make_model(mcfg, len(tokenizer.vocab), labels.num_labels)
+        net = net.to_empty(device="cpu")
         try:
-            model.load_state_dict(load_file(str(weights)))
+            net.load_state_dict(load_file(str(weights)))
         except RuntimeError as err:
             first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
-            raise UserError(f"{weights}: does not match config.yaml (model.{cfg.arch}): {first[:200]}") from None
-        return model.eval(), tokenizer
+            raise UserError(f"{weights}: does not match config.yaml (model.{mcfg.arch}): {first[:200]}") from None
+        return SmallModel(self, net.eval(), tokenizer, labels, cfg)
