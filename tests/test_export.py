@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,24 @@ def test_fasttext_export_keeps_only_the_rows_in_use(tmp_path: Path) -> None:
     for bs in (1, 7, 64):
         assert np.abs(_probs(run_dir, "onnx", texts, variant="fp32", batch_size=bs) - ref).max() <= 1e-4
         assert np.abs(_probs(run_dir, "onnx", texts, variant="int8", batch_size=bs) - ref).max() <= 1e-2
+
+
+def test_export_needs_only_the_run_directory(tiny_bert: Path, tmp_path: Path) -> None:
+    """Training saves a parity sample, so export works after the data files are gone (pairs and labels too)."""
+    import pandas as pd
+
+    from textclass import api
+
+    (tmp_path / "data").mkdir()
+    files = _files(tmp_path / "data", pairs=True)
+    cfg = tiny_config(tiny_bert, files, tmp_path / "run", epochs=1)
+    cfg["data"]["text_pair_column"] = "text_pair"
+    run_dir = _train(cfg)
+    valid = pd.read_csv(files["valid"])
+    shutil.rmtree(tmp_path / "data")  # no training, validation or test file left
+    record = api.export(run_dir)
+    parity = record["parity"]
+    assert "saved validation sample" in parity["source"] and parity["samples"] == len(valid)
+    assert parity["fp32_max_abs_diff"] <= 1e-4 and parity["torch_accuracy"] is not None  # labels came along
+    sample = pd.read_json(run_dir / "parity_sample.jsonl", lines=True)
+    assert sorted(sample["text"]) == sorted(valid["text"]) and sorted(sample["text_pair"]) == sorted(valid["text_pair"])
