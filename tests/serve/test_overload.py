@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'textclass[serve]'")
 import httpx  # noqa: E402
 
-from test_serve import metric, predictor, read_response, running_server, serve_run  # noqa: E402,F401  (fixtures)
+from test_app import metric, predictor, read_response, running_server, serve_run  # noqa: E402,F401  (fixtures)
 from textclass.errors import UserError  # noqa: E402
 from textclass.inference.predictor import Predictor  # noqa: E402
 from textclass.serve import ServeSettings  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from test_cli import run as cli
-from test_export import _files, _one_line_error, _train
+from test_onnx import _files, _one_line_error, _train
 from test_fileio import dead_pid, live_pid  # noqa: F401 - live_pid is a fixture
 
 pytest.importorskip("onnxruntime")

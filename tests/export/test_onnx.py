@@ -21,7 +21,7 @@ from test_cli import run as cli
 
 pytest.importorskip("onnxruntime")
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 PROBE = ["match goal team", "software chip computer phone internet data code robot network startup " * 3, "soup", "a"]
 
 

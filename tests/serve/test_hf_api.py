@@ -16,7 +16,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import make_texts, tiny_config  # noqa: E402
-from test_serve import TEXTS, metric, predictor, running_server, serve_run  # noqa: E402,F401  (fixtures)
+from test_app import TEXTS, metric, predictor, running_server, serve_run  # noqa: E402,F401  (fixtures)
 from textclass.inference.load import load_predictor  # noqa: E402
 from textclass.inference.predictor import Predictor  # noqa: E402
 from textclass.serve import ServeSettings  # noqa: E402

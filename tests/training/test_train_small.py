@@ -219,7 +219,7 @@ def test_chinese_small_config_builds_the_documented_model() -> None:
     """configs/chinese_small.yaml validates and builds the small-family setup the README reports."""
     from textclass.config import load_config
 
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "chinese_small.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "chinese_small.yaml")
     assert isinstance(cfg.model, SmallModelConfig) and cfg.data.dataset == "chinese-reviews"
     assert cfg.model.tokenizer == "char" and cfg.model.arch == "fasttext"
 

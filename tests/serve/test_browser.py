@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'textclass[serve]'")
 
-from test_serve import predictor, running_server, serve_run  # noqa: E402,F401  (fixtures)
+from test_app import predictor, running_server, serve_run  # noqa: E402,F401  (fixtures)
 from textclass.inference.predictor import BasePredictor  # noqa: E402
 from textclass.serve import ServeSettings  # noqa: E402
 from textclass.serve.app import create_app  # noqa: E402
