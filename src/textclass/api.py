@@ -9,9 +9,9 @@ import numpy as np
 
 from textclass.config import Config, build_config, load_config
 from textclass.errors import UserError
-from textclass.rundir import EVAL_DIR
 from textclass.inference.load import load_predictor
 from textclass.inference.predictor import BasePredictor
+from textclass.rundir import EVAL_DIR
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
@@ -28,7 +28,7 @@ def train(
     *,
     resume: bool = False,
     overwrite: bool = False,
-) -> "Any":
+) -> Any:
     """Train a classifier; returns a `TrainResult` (run_dir, metrics).
 
     `config` is a Config, a dict shaped like the YAML file, or a path to one; `overrides` are
@@ -59,7 +59,12 @@ def evaluate(
     out = Path(output_dir) if output_dir else Path(model_dir) / EVAL_DIR / Path(data).stem
     try:
         return write_split_report(
-            out, df, probs, predictor.labels, predictor.threshold if threshold is None else threshold, predictor.cfg.evaluation.badcases
+            out,
+            df,
+            probs,
+            predictor.labels,
+            predictor.threshold if threshold is None else threshold,
+            predictor.cfg.evaluation.badcases,
         )
     except OSError as err:
         raise UserError(f"{out}: cannot write the report ({err.strerror}); choose a writable --output") from None
@@ -95,9 +100,7 @@ class Classifier:
         self.predictor = predictor
 
     @classmethod
-    def load(
-        cls, run_dir: str | Path, batch_size: int = 32, threads: int | None = None, backend: str = "auto"
-    ) -> "Classifier":
+    def load(cls, run_dir: str | Path, batch_size: int = 32, threads: int | None = None, backend: str = "auto") -> Classifier:
         """`backend`: `torch`, `onnx` (needs `textclass export`) or `auto` (onnx when exported)."""
         return cls(load_predictor(run_dir, batch_size=batch_size, threads=threads, backend=backend))
 

@@ -8,7 +8,8 @@ backend can use it without importing torch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm

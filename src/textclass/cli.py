@@ -9,11 +9,11 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
-
 from typer.exceptions import TyperException
 
 from textclass.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, UserError
@@ -60,9 +60,9 @@ def _setup_logging(verbose: bool = False) -> None:
 @app.command()
 @_interruptible
 def train(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set training.epochs=2"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (training.output_dir)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run directory (training.output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
 ) -> None:
@@ -94,11 +94,11 @@ def train(
 def evaluate(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     data: Path = typer.Option(..., "--data", "-d", help="Labelled file (same columns as training)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report folder (default DIR/eval/<file>)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Report folder (default DIR/eval/<file>)."),
     batch_size: int = typer.Option(32, min=1, help="Texts per batch."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Multi-label threshold (default: the run's)."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Multi-label threshold (default: the run's)."),
     backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
+    threads: int | None = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
     """Per-class report, confusion matrix and badcases for a labelled file."""
     from textclass.api import evaluate as api_evaluate
@@ -113,17 +113,17 @@ def evaluate(
 @_interruptible
 def predict(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
-    input: Optional[Path] = typer.Option(None, "--input", help="CSV/TSV/JSON/JSONL/Parquet file of texts."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="CSV or JSONL file to write."),
+    input: Path | None = typer.Option(None, "--input", help="CSV/TSV/JSON/JSONL/Parquet file of texts."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="CSV or JSONL file to write."),
     interactive: bool = typer.Option(False, "-i", "--interactive", help="Type sentences, see ranked labels."),
-    top_k: Optional[int] = typer.Option(None, min=1, help="Keep the k best class scores per text."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Multi-label threshold (default: the run's)."),
+    top_k: int | None = typer.Option(None, min=1, help="Keep the k best class scores per text."),
+    threshold: float | None = typer.Option(None, min=0.0, max=1.0, help="Multi-label threshold (default: the run's)."),
     batch_size: int = typer.Option(32, min=1, help="Texts per batch."),
     backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
+    threads: int | None = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
     """Predict labels for a file, or interactively."""
-    from textclass.inference.io import predict_file, interactive_loop
+    from textclass.inference.io import interactive_loop, predict_file
     from textclass.inference.load import load_predictor
 
     if interactive == (input is not None):
@@ -149,7 +149,7 @@ def predict(
 def info(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     backend: str = typer.Option("auto", help="Inference backend: auto (onnx when exported), onnx or torch."),
-    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
+    threads: int | None = typer.Option(None, min=1, help="Inference threads (default: all cores)."),
 ) -> None:
     """Parameters, size on disk, labels and measured latency."""
     from textclass.inference.io import model_info
@@ -164,8 +164,8 @@ def export(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     int8: bool = typer.Option(False, "--int8", help="Also write a dynamically int8-quantised model (used by default)."),
     optimize: bool = typer.Option(False, "--optimize", help="Fuse the graph (attention, layer norm, GELU)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default DIR/onnx)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Texts for the parity check (default: validation split)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Folder to write (default DIR/onnx)."),
+    data: Path | None = typer.Option(None, "--data", help="Texts for the parity check (default: validation split)."),
     samples: int = typer.Option(256, min=1, help="Texts in the parity check."),
 ) -> None:
     """Export to ONNX (dynamic batch and sequence axes) and check parity with PyTorch."""
@@ -185,7 +185,10 @@ def export(
         typer.echo("  fused: " + ", ".join(f"{k} {v}" for k, v in record["fused_operators"].items()))
     for variant, name in record["files"].items():
         typer.echo(f"wrote {Path(record['directory']) / name} ({variant}, {record['size_mb'][variant]} MB)")
-    typer.echo(f"default for --backend onnx/auto: {record['default']}; inputs {', '.join(record['inputs'])}; outputs logits, probabilities")
+    typer.echo(
+        f"default for --backend onnx/auto: {record['default']}; "
+        f"inputs {', '.join(record['inputs'])}; outputs logits, probabilities"
+    )
 
 
 @app.command()
@@ -194,7 +197,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback unless told otherwise)."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port (0: any free port)."),
     backend: str = typer.Option("auto", help="Inference backend: auto, onnx or torch."),
-    api_key: Optional[str] = typer.Option(
+    api_key: str | None = typer.Option(
         None, envvar="TEXTCLASS_API_KEY", show_envvar=True, help="Require this key (X-API-Key header or Bearer token)."
     ),
     max_batch_size: int = typer.Option(32, min=1, help="Texts gathered from concurrent requests into one model call."),
@@ -205,14 +208,12 @@ def serve(
     max_texts: int = typer.Option(64, min=1, help="Texts per request."),
     max_chars: int = typer.Option(10_000, min=1, help="Characters per text."),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="Request body size in bytes."),
-    max_queue_texts: Optional[int] = typer.Option(
+    max_queue_texts: int | None = typer.Option(
         None, min=1, help="Texts waiting for the model; beyond, 429 with Retry-After (default: max(4 x batch, 2 x texts))."
     ),
     read_timeout: float = typer.Option(30.0, min=0.001, help="Seconds for a request's head, and for its body (408)."),
     keep_alive_timeout: float = typer.Option(5.0, min=0.001, help="Seconds an idle keep-alive connection stays open."),
-    threads: Optional[int] = typer.Option(
-        None, min=1, help="Intra-op threads of the model (default: all usable cores)."
-    ),
+    threads: int | None = typer.Option(None, min=1, help="Intra-op threads of the model (default: all usable cores)."),
     graceful_timeout: float = typer.Option(
         30.0, min=0.0, help="Seconds queued requests get after SIGTERM; what still waits then gets 503."
     ),
@@ -220,13 +221,21 @@ def serve(
 ) -> None:
     """Serve a model over HTTP: /v1/classify, Hugging Face-style POST / and /predict, /info, /docs, /metrics, a web page."""
     from textclass.inference.load import BACKENDS
-    from textclass.serve import ServeSettings, serve as run_server
+    from textclass.serve import ServeSettings
+    from textclass.serve import serve as run_server
 
     if backend not in BACKENDS:  # checked before the port is bound
         raise UserError(f"--backend {backend}: unknown backend; use one of {', '.join(BACKENDS)}")
     settings = ServeSettings(
-        max_batch_size, max_wait_ms, max_texts, max_chars, max_body_bytes, api_key or None,
-        max_queue_texts=max_queue_texts, read_timeout=read_timeout, keep_alive_timeout=keep_alive_timeout,
+        max_batch_size,
+        max_wait_ms,
+        max_texts,
+        max_chars,
+        max_body_bytes,
+        api_key or None,
+        max_queue_texts=max_queue_texts,
+        read_timeout=read_timeout,
+        keep_alive_timeout=keep_alive_timeout,
     )
     run_server(model, host, port, backend, settings, threads, forward_batch_size, graceful_timeout, access_log)
 

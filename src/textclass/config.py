@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from textclass.errors import UserError
+
+if TYPE_CHECKING:  # what `type(BaseModel)` is, spelled so that mypy sees it (a private pydantic module)
+    from pydantic._internal._model_construction import ModelMetaclass as _ModelMetaclass
+else:
+    _ModelMetaclass = type(BaseModel)
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -70,7 +75,7 @@ class EncoderModelConfig(_Section):
     max_length: int = Field(256, ge=8, le=8192, description="Maximum tokens per example (truncated beyond).")
 
 
-class _SmallConfigMeta(type(BaseModel)):  # type: ignore[misc]
+class _SmallConfigMeta(_ModelMetaclass):
     """`SmallModelConfig(arch=..., ...)` builds the config class of that arch (fastText when `arch` is absent)."""
 
     def __call__(cls, *args: Any, **data: Any) -> Any:
@@ -107,7 +112,9 @@ class SmallModelConfig(_Section, metaclass=_SmallConfigMeta):
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Any:
         """On `SmallModelConfig` itself: validates into the class of `obj`'s arch, like the constructor."""
         target = _arch_class(obj) if cls is SmallModelConfig else None
-        return (target or super()).model_validate(obj, *args, **kwargs)  # type: ignore[misc]
+        if target is not None:
+            return target.model_validate(obj, *args, **kwargs)
+        return super().model_validate(obj, *args, **kwargs)
 
 
 def _combination_error(key: str, message: str) -> PydanticCustomError:
@@ -125,11 +132,9 @@ class FastTextConfig(SmallModelConfig):
     buckets: int = Field(2_000_000, ge=1)
 
     @model_validator(mode="after")
-    def _char_ngram_range(self) -> "FastTextConfig":
+    def _char_ngram_range(self) -> FastTextConfig:
         if self.maxn > 0 and self.minn > self.maxn:
-            raise _combination_error(
-                "minn", f"{self.minn} is larger than model.maxn {self.maxn}; e.g. minn: 3, maxn: 6"
-            )
+            raise _combination_error("minn", f"{self.minn} is larger than model.maxn {self.maxn}; e.g. minn: 3, maxn: 6")
         return self
 
 
@@ -185,7 +190,7 @@ class TransformerConfig(_NeuralSmallConfig):
     )
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "TransformerConfig":
+    def _heads_divide_hidden(self) -> TransformerConfig:
         if self.hidden_size % self.num_heads:
             raise _combination_error(
                 "num_heads",
@@ -205,10 +210,10 @@ SMALL_ARCHS: dict[str, type[SmallModelConfig]] = {
 """The config class of each `model.arch` of the small family."""
 
 SmallArchConfig = Annotated[
-    Union[FastTextConfig, TextCNNConfig, TextRNNConfig, TextRCNNConfig, TransformerConfig],
+    FastTextConfig | TextCNNConfig | TextRNNConfig | TextRCNNConfig | TransformerConfig,
     Field(discriminator="arch"),
 ]
-ModelConfig = Annotated[Union[EncoderModelConfig, SmallArchConfig], Field(discriminator="family")]
+ModelConfig = Annotated[EncoderModelConfig | SmallArchConfig, Field(discriminator="family")]
 FAMILIES: dict[str, type[BaseModel]] = {"encoder": EncoderModelConfig, "small": SmallModelConfig}
 
 
@@ -260,7 +265,7 @@ class TrainingConfig(_Section):
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice.")
 
     @model_validator(mode="after")
-    def _early_stopping_keeps_best(self) -> "TrainingConfig":
+    def _early_stopping_keeps_best(self) -> TrainingConfig:
         if self.early_stopping_patience and self.final_model == "last":
             raise ValueError(
                 "early_stopping_patience with final_model=last would keep weights that early stopping found "
@@ -309,7 +314,7 @@ class Config(_Section):
         return raw
 
     @model_validator(mode="after")
-    def _has_data(self) -> "Config":
+    def _has_data(self) -> Config:
         if self.data.train is None and self.data.dataset is None:
             raise ValueError("data: set `data.train` (a file) or `data.dataset` (built-in or hub name)")
         return self
@@ -411,8 +416,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         if len(parts) < 2 or parts[0] not in Config.model_fields:
             raise UserError(
-                f"--set {key}: keys start with a section ({', '.join(Config.model_fields)}), "
-                "e.g. --set training.epochs=2"
+                f"--set {key}: keys start with a section ({', '.join(Config.model_fields)}), e.g. --set training.epochs=2"
             )
         node = raw
         for p in parts[:-1]:

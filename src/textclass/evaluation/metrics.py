@@ -38,9 +38,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, *, multi_label: bool
             "hamming_loss": float(hamming_loss(y_true, y_pred)),
             "accuracy": subset,
         }
-    precision, recall, _, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average="macro", zero_division=0
-    )
+    precision, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": f1("macro"),
@@ -61,7 +59,7 @@ def per_class_report(y_true: np.ndarray, y_pred: np.ndarray, *, multi_label: boo
     )
     return [
         {"label": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(label_names, precision, recall, f1, support)
+        for name, p, r, f, s in zip(label_names, precision, recall, f1, support, strict=True)
     ]
 
 
@@ -80,10 +78,7 @@ def tune_threshold(y_true: np.ndarray, probs: np.ndarray, grid: np.ndarray | Non
     candidates = DEFAULT_THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=float)
     if candidates.size == 0:
         raise ValueError("tune_threshold needs a non-empty grid")
-    scored = [
-        (float(f1_score(y_true, (probs >= t).astype(int), average="micro", zero_division=0)), float(t))
-        for t in candidates
-    ]
+    scored = [(float(f1_score(y_true, (probs >= t).astype(int), average="micro", zero_division=0)), float(t)) for t in candidates]
     best_f1, best_t = max(scored, key=lambda s: (s[0], -abs(s[1] - 0.5)))
     return best_t, best_f1
 

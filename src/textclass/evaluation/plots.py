@@ -82,7 +82,7 @@ def plot_multilabel_confusion(mcm: np.ndarray, label_names: list[str], path: Pat
     ax = fig.subplots()
     positions = np.arange(k)
     height = 0.27
-    for offset, (name, values) in zip((-height, 0.0, height), counts.items()):
+    for offset, (name, values) in zip((-height, 0.0, height), counts.items(), strict=True):
         bars = ax.barh(positions + offset, values, height=height, label=name, color=colours[name])
         if k <= 40:
             ax.bar_label(bars, fontsize=7, padding=2)

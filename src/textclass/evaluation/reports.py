@@ -22,8 +22,9 @@ from textclass.evaluation.plots import plot_confusion_matrix, plot_multilabel_co
 from textclass.fileio import atomic_write, write_json
 
 
-def write_split_report(out_dir: str | Path, df: pd.DataFrame, probs: np.ndarray, labels: LabelSet, threshold: float,
-                       badcases: bool = True) -> dict:
+def write_split_report(
+    out_dir: str | Path, df: pd.DataFrame, probs: np.ndarray, labels: LabelSet, threshold: float, badcases: bool = True
+) -> dict:
     """`write_report` for a prepared split (columns text, [text_pair], labels): what training's valid/test
     reports and `textclass evaluate` both write."""
     texts, pairs = text_columns(df)
@@ -90,9 +91,7 @@ def write_report(
         plot_multilabel_confusion(mcm, label_names, png, title=title)
     else:
         cm = confusion_matrix(y_true, y_pred, labels=labels)
-        cm_frame = pd.DataFrame(
-            cm, index=pd.Index(label_names, name="gold"), columns=pd.Index(label_names, name="predicted")
-        )
+        cm_frame = pd.DataFrame(cm, index=pd.Index(label_names, name="gold"), columns=pd.Index(label_names, name="predicted"))
         save("confusion_matrix.csv", lambda tmp: cm_frame.to_csv(tmp))
         plot_confusion_matrix(cm, label_names, png, title=title)
     files[png.name] = png
@@ -187,9 +186,7 @@ def _badcases_frame(
 
         gold = [joined(y_true[i]) for i in rows]
         predicted = [joined(y_pred[i]) for i in rows]
-        confidence = [
-            float(probs[i][y_pred[i].astype(bool)].mean()) if y_pred[i].any() else float(probs[i].max()) for i in rows
-        ]
+        confidence = [float(probs[i][y_pred[i].astype(bool)].mean()) if y_pred[i].any() else float(probs[i].max()) for i in rows]
     else:
         gold = list(names[y_true[rows]])
         predicted = list(names[y_pred[rows]])

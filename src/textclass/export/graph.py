@@ -26,9 +26,10 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ class _Head(nn.Module):
         return logits, torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = dict(zip(self.names, (a, b, c)))
+        batch = dict(zip(self.names, (a, b, c), strict=False))  # two or three names: `c` is unused with two
         return self._out(self.model(**batch))
 
 
@@ -92,7 +93,7 @@ def export_graph(model: TextModel, sample_batch: dict[str, torch.Tensor], path: 
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes: covered by parity
         if spec.dynamo:
             batch_dim = torch.export.Dim("batch")
-            seq_dim = torch.export.Dim("sequence", max=int(getattr(model.cfg.model, "max_length")))
+            seq_dim = torch.export.Dim("sequence", max=int(model.cfg.model.max_length))
             export(
                 dynamic_shapes=({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim}),
                 opset_version=18,

@@ -95,7 +95,9 @@ def _agreement(labels: LabelSet, a: np.ndarray, b: np.ndarray, threshold: float)
     return float((same.all(1) if labels.multi_label else same).mean())
 
 
-def _write_graph(model: TextModel, example: dict[str, torch.Tensor], dst: Path, optimize: bool, int8: bool = False) -> tuple[GraphSpec, dict[str, int]]:
+def _write_graph(
+    model: TextModel, example: dict[str, torch.Tensor], dst: Path, optimize: bool, int8: bool = False
+) -> tuple[GraphSpec, dict[str, int]]:
     """Export the model (its int8 form with `int8`) to `dst`, graph-optimised with `optimize`; returns the
     graph's spec and the fused-operator counts."""
     raw = dst.with_name(f"{dst.stem}.unoptimized.onnx") if optimize else dst
@@ -244,7 +246,9 @@ def _export_into(
     if int8 and parity["int8_agreement"] < INT8_MIN_AGREEMENT:
         log.warning(
             "int8 agrees with PyTorch on only %.2f%% of %d texts (< %.0f%%); consider the fp32 model (variant fp32)",
-            100 * parity["int8_agreement"], len(texts), 100 * INT8_MIN_AGREEMENT,
+            100 * parity["int8_agreement"],
+            len(texts),
+            100 * INT8_MIN_AGREEMENT,
         )
     write_json(tmp / EXPORT_FILE, record)  # last: its presence marks a finished export
     return record

@@ -83,9 +83,10 @@ def predict_file(
 
     def write(tmp: Path) -> None:
         nonlocal rows
-        with tmp.open("w", encoding="utf-8", newline="") as f, tqdm(
-            desc="Predicting", unit=stream.unit, unit_scale=stream.unit == "B", disable=None
-        ) as bar:
+        with (
+            tmp.open("w", encoding="utf-8", newline="") as f,
+            tqdm(desc="Predicting", unit=stream.unit, unit_scale=stream.unit == "B", disable=None) as bar,
+        ):
             for number, chunk in enumerate(stream):
                 df, new_unknown = eval_frame(chunk, str(input_path), predictor.cfg.data, predictor.labels, False, number)
                 unknown.update(dict.fromkeys(new_unknown))
@@ -94,7 +95,7 @@ def predict_file(
                     if fmt == "csv":
                         predictions_frame(predictor, df, results).to_csv(f, index=False, header=rows == 0)
                     else:
-                        for text, r in zip(df["text"], results):
+                        for text, r in zip(df["text"], results, strict=True):
                             f.write(json.dumps({"text": text, **r}, ensure_ascii=False) + "\n")
                     rows += len(df)
                 bar.total = stream.total
@@ -157,6 +158,7 @@ def _dir_size(path: Path) -> int:
 def model_info(run_dir: str | Path, repeats: int = 5, backend: str = "auto", threads: int | None = None) -> dict[str, Any]:
     """Parameters, size on disk, labels and measured latency at batch 1 and 32 (median of `repeats`)."""
     from textclass.inference.load import load_predictor
+    from textclass.inference.onnx_backend import OnnxPredictor  # imported by load_predictor anyway
 
     predictor = load_predictor(run_dir, batch_size=32, threads=threads, backend=backend)
     counts = predictor.parameter_counts()
@@ -178,7 +180,7 @@ def model_info(run_dir: str | Path, repeats: int = 5, backend: str = "auto", thr
         "model": getattr(predictor.cfg.model, "name", getattr(predictor.cfg.model, "arch", "")),
         "task": "multi-label" if predictor.labels.multi_label else "single-label",
         "labels": f"{predictor.labels.num_labels}: {', '.join(predictor.labels.names)}",
-        "backend": predictor.backend + (f" ({predictor.variant})" if predictor.backend == "onnx" else ""),
+        "backend": predictor.backend + (f" ({predictor.variant})" if isinstance(predictor, OnnxPredictor) else ""),
         "parameters": f"{counts[0]:,}",
         "trainable parameters": f"{counts[1]:,}",
         "size on disk": f"{_dir_size(Path(run_dir)) / 1e6:.1f} MB",

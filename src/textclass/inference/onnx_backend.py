@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from textclass.batching import BatchEncoder
 from textclass.config import Config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
-from textclass.batching import BatchEncoder
 from textclass.inference.predictor import BasePredictor
 from textclass.rundir import EXPORT_FILE, ONNX_DIR, check_run_dir, read_labels, read_run_config
 
@@ -85,7 +85,7 @@ class RustEncoder:
 
     def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
         if pairs is not None:
-            batch = self.tok.encode_batch(list(zip(texts, pairs)))
+            batch = self.tok.encode_batch(list(zip(texts, pairs, strict=False)))
         else:
             batch = self._encode_prefixes(texts)
         return {
@@ -112,7 +112,7 @@ class RustEncoder:
             cut.append(text[:space] if space > 0 else text)
         batch = self.tok.encode_batch(cut)
         redo = [i for i, e in enumerate(batch) if len(cut[i]) < len(texts[i]) and not e.overflowing]
-        for i, e in zip(redo, self.tok.encode_batch([texts[i] for i in redo]) if redo else []):
+        for i, e in zip(redo, self.tok.encode_batch([texts[i] for i in redo]) if redo else [], strict=True):
             batch[i] = e
         return batch
 
@@ -228,7 +228,7 @@ def onnx_encoder(run_dir: Path, cfg: Config, labels: LabelSet, record: dict[str,
     """
     names = list(record["inputs"])
     if record.get("text_encoding") == "tokenizers":
-        max_length = int(getattr(cfg.model, "max_length"))
+        max_length = int(cfg.model.max_length)
         path = run_dir / HF_TOKENIZER_FILE
         return RustEncoder(path, max_length, int(record.get("pad_id", 0)), record.get("padding_side", "right"), names)
     from textclass.rundir import load_model_parts
@@ -246,7 +246,9 @@ def load_onnx_predictor(
     if variant not in VARIANTS:
         raise UserError(f"variant: unknown ONNX variant {variant!r}; use one of {', '.join(VARIANTS)}")
     if variant not in record["files"]:
-        raise UserError(f"{path}: no {variant} ONNX export; run `textclass export --model {path}{' --int8' if variant == 'int8' else ''}`")
+        raise UserError(
+            f"{path}: no {variant} ONNX export; run `textclass export --model {path}{' --int8' if variant == 'int8' else ''}`"
+        )
     cfg = read_run_config(path)
     labels = read_labels(path)
     file = path / ONNX_DIR / record["files"][variant]

@@ -61,8 +61,8 @@ class BasePredictor:
             raise UserError(f"threshold: {threshold} must be between 0 and 1")
         names = self.labels.names
         decisions = self.labels.decide(probs, self.threshold if threshold is None else threshold)
-        results = []
-        for row, decided in zip(probs, decisions):
+        results: list[dict[str, Any]] = []
+        for row, decided in zip(probs, decisions, strict=True):
             ranked = np.argsort(-row, kind="stable")
             scores = {names[i]: round(float(row[i]), 6) for i in ranked[: top_k or len(names)]}
             if self.labels.multi_label:

@@ -12,9 +12,10 @@ Contract: `model.network(**batch)` (a batch from `collate`, without `labels`) re
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -105,12 +106,19 @@ class TextModel:
             batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
             return probabilities(self.network(**batch), self.multi_label)
 
-    def predict_proba(self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32,
-                      progress: bool = False) -> np.ndarray:
+    def predict_proba(
+        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32, progress: bool = False
+    ) -> np.ndarray:
         """Probabilities (len(texts), num_labels) in input order, in length-sorted batches, network in eval mode."""
         self.network.eval()
         return batched_probabilities(
-            self, lambda batch: self.probabilities(batch).cpu().numpy(), texts, pairs, batch_size, self.labels.num_labels, progress
+            self,
+            lambda batch: self.probabilities(batch).cpu().numpy(),
+            texts,
+            pairs,
+            batch_size,
+            self.labels.num_labels,
+            progress,
         )
 
     # -- persistence ------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import contextlib
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,9 @@ from textclass.errors import UserError
 from textclass.models.base import OnnxSpec, TextModel
 from textclass.models.registry import MODEL_FILE_ERRORS, Family, register
 from textclass.rundir import ENCODER_CONFIG_FILE, WEIGHTS_FILE
+
+if TYPE_CHECKING:  # transformers is imported where a model is built, not with this module
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("textclass")
 
@@ -56,10 +60,10 @@ def _load_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(path, **kwargs)
     except MODEL_FILE_ERRORS as err:
-        hint = "a local folder with config.json and intact weights" if Path(name).exists() else "a hub model name or a local folder"
-        raise UserError(
-            f"model.name {name!r}: cannot load the {what} ({' '.join(str(err).split())[:160]}); use {hint}"
-        ) from None
+        hint = (
+            "a local folder with config.json and intact weights" if Path(name).exists() else "a hub model name or a local folder"
+        )
+        raise UserError(f"model.name {name!r}: cannot load the {what} ({' '.join(str(err).split())[:160]}); use {hint}") from None
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, method: str, cls_id: int | None) -> torch.Tensor:
@@ -78,7 +82,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, meth
 class EncoderClassifier(nn.Module):
     """Encoder + pooling + dropout + linear layer; returns logits."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, pooling: str, dropout: float, cls_id: int | None) -> None:
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, pooling: str, dropout: float, cls_id: int | None) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
@@ -99,7 +103,7 @@ class EncoderClassifier(nn.Module):
 class HFHeadClassifier(nn.Module):
     """AutoModelForSequenceClassification returning the logits tensor (loss is ours)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
@@ -142,7 +146,8 @@ class EncoderModel(TextModel):
     def onnx_trace_context(self) -> Iterator[None]:
         """Eager attention while tracing: the pattern onnxruntime's BERT fusion matches. Restored afterwards, so
         the parity check compares against the model as users run it."""
-        hf = [m for m in self.network.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")][:1]
+        # duck-typed: any module with both (a PreTrainedModel in practice)
+        hf: list[Any] = [m for m in self.network.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")][:1]
         before = [getattr(m.config, "_attn_implementation", None) for m in hf]
         try:
             for m in hf:  # the outermost pretrained model sets it for its submodules
@@ -150,7 +155,7 @@ class EncoderModel(TextModel):
                     m.set_attn_implementation("eager")
             yield
         finally:
-            for m, impl in zip(hf, before):
+            for m, impl in zip(hf, before, strict=True):
                 if impl is not None:
                     with contextlib.suppress(ValueError, AttributeError, TypeError):
                         m.set_attn_implementation(impl)
@@ -159,7 +164,11 @@ class EncoderModel(TextModel):
         for m in self.network.modules():
             config = getattr(m, "config", None)
             if config is not None and getattr(config, "num_attention_heads", None):
-                return {"model_type": "bert", "num_heads": int(config.num_attention_heads), "hidden_size": int(config.hidden_size)}
+                return {
+                    "model_type": "bert",
+                    "num_heads": int(config.num_attention_heads),
+                    "hidden_size": int(config.hidden_size),
+                }
         return {"model_type": "bert", "num_heads": 0, "hidden_size": 0}  # onnxruntime detects them from the graph
 
     def onnx_text_encoding(self) -> str:
@@ -209,8 +218,9 @@ class EncoderFamily(Family[EncoderModelConfig]):
         elif network:
             enc_cfg = AutoConfig.for_model(**json.loads((run_dir / ENCODER_CONFIG_FILE).read_text(encoding="utf-8")))
             kwargs = {"add_pooling_layer": False} if _has_pooler_arg(mcfg, enc_cfg) else {}
-            net = EncoderClassifier(AutoModel.from_config(enc_cfg, **kwargs), labels.num_labels, mcfg.pooling, mcfg.dropout,
-                                    tokenizer.cls_token_id)
+            net = EncoderClassifier(
+                AutoModel.from_config(enc_cfg, **kwargs), labels.num_labels, mcfg.pooling, mcfg.dropout, tokenizer.cls_token_id
+            )
             net.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
         return EncoderModel(self, net.eval(), tokenizer, labels, cfg)
 

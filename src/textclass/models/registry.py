@@ -10,8 +10,9 @@ models only through the object. Adding a family is one module under `models/` an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from safetensors import SafetensorError
 
@@ -78,13 +79,13 @@ class Family(ABC, Generic[C]):
 # The family modules; each registers its family on import. Imported lazily so that `import textclass` and
 # the torch-free ONNX backend stay cheap (the one accepted upward-looking import in the package).
 _FAMILY_MODULES = ("textclass.models.encoder", "textclass.models.small")
-_REGISTRY: dict[str, type[Family]] = {}  # type: ignore[type-arg]
+_REGISTRY: dict[str, type[Family]] = {}
 
 
-def register(name: str) -> Callable[[type[Family]], type[Family]]:  # type: ignore[type-arg]
+def register(name: str) -> Callable[[type[Family]], type[Family]]:
     """Class decorator: make a family available under `model.family: name`."""
 
-    def wrap(cls: type[Family]) -> type[Family]:  # type: ignore[type-arg]
+    def wrap(cls: type[Family]) -> type[Family]:
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -92,7 +93,7 @@ def register(name: str) -> Callable[[type[Family]], type[Family]]:  # type: igno
     return wrap
 
 
-def get_family(name: str) -> Family:  # type: ignore[type-arg]
+def get_family(name: str) -> Family:
     """The family for `model.family`."""
     _import_families()
     if name not in _REGISTRY:

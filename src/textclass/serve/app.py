@@ -11,9 +11,10 @@ request model is built per app (its limits are settings).
 
 import logging
 import secrets
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Optional
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -37,9 +38,9 @@ STATIC = Path(__file__).parent / "static"
 class Prediction(BaseModel):
     """One text's result: `label`/`score` (single-label) or `labels` (multi-label), and ranked `scores`."""
 
-    label: Optional[str] = Field(None, description="Best class (single-label models).")
-    score: Optional[float] = Field(None, description="Probability of `label` (single-label models).")
-    labels: Optional[list[str]] = Field(None, description="Classes at or above the threshold (multi-label models).")
+    label: str | None = Field(None, description="Best class (single-label models).")
+    score: float | None = Field(None, description="Probability of `label` (single-label models).")
+    labels: list[str] | None = Field(None, description="Classes at or above the threshold (multi-label models).")
     scores: dict[str, float] = Field(description="Class probabilities, best first (the top_k best when top_k is given).")
 
 
@@ -64,11 +65,11 @@ def _request_model(settings: ServeSettings, pair_model: bool) -> type[BaseModel]
     `pairs` exists (and is required) only for text-pair models, so the schema never offers what the model refuses.
     """
     text = Annotated[str, StringConstraints(max_length=settings.max_chars)]
-    texts = Annotated[list[text], Field(min_length=1, max_length=settings.max_texts)]  # type: ignore[valid-type]
+    texts = Annotated[list[text], Field(min_length=1, max_length=settings.max_texts)]
     fields: dict[str, Any] = {
         "texts": (texts, Field(description=f"1 to {settings.max_texts} texts of at most {settings.max_chars} characters.")),
-        "top_k": (Optional[int], Field(None, ge=1, description="Keep the k best class scores per text.")),
-        "threshold": (Optional[float], Field(None, ge=0.0, le=1.0, description="Multi-label threshold (default: the model's).")),
+        "top_k": (int | None, Field(None, ge=1, description="Keep the k best class scores per text.")),
+        "threshold": (float | None, Field(None, ge=0.0, le=1.0, description="Multi-label threshold (default: the model's).")),
     }
     if pair_model:
         fields["pairs"] = (texts, Field(description="The second text of each pair, one per text."))
@@ -102,7 +103,10 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
         state.ready = True
         log.info(
             "ready: %d labels, max batch %d, max wait %g ms, queue bound %d texts",
-            predictor.labels.num_labels, settings.max_batch_size, settings.max_wait_ms, settings.queue_bound,
+            predictor.labels.num_labels,
+            settings.max_batch_size,
+            settings.max_wait_ms,
+            settings.queue_bound,
         )
         try:
             yield
@@ -119,8 +123,12 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     )
     app.state.settings, app.state.metrics, app.state.server, app.state.batcher = settings, metrics, state, batcher
     app.add_middleware(
-        ServingMiddleware, metrics=metrics, state=state, max_body_bytes=settings.max_body_bytes,
-        read_timeout=settings.read_timeout, batcher=batcher,
+        ServingMiddleware,
+        metrics=metrics,
+        state=state,
+        max_body_bytes=settings.max_body_bytes,
+        read_timeout=settings.read_timeout,
+        batcher=batcher,
     )
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -143,7 +151,9 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     app.add_exception_handler(Exception, unexpected_error)
 
     protected = [Depends(_key_checker(settings.api_key))] if settings.api_key else []
-    auth_responses: dict[int | str, dict[str, Any]] = {401: {"model": ErrorBody, "description": "Missing or wrong API key"}} if settings.api_key else {}
+    auth_responses: dict[int | str, dict[str, Any]] = (
+        {401: {"model": ErrorBody, "description": "Missing or wrong API key"}} if settings.api_key else {}
+    )
     work_responses: dict[int | str, dict[str, Any]] = {
         **auth_responses,
         408: {"model": ErrorBody, "description": f"Body not complete within --read-timeout ({settings.read_timeout:g} s)"},
@@ -170,8 +180,12 @@ def create_app(predictor: BasePredictor, settings: ServeSettings = ServeSettings
     @app.get("/v1/labels", response_model=LabelsResponse, dependencies=protected, responses=auth_responses)
     async def labels() -> Any:
         """The model's classes, in score order of its outputs."""
-        return {"labels": list(predictor.labels.names), "multi_label": predictor.labels.multi_label,
-                "threshold": predictor.threshold, "text_pairs": pair_model}
+        return {
+            "labels": list(predictor.labels.names),
+            "multi_label": predictor.labels.multi_label,
+            "threshold": predictor.threshold,
+            "text_pairs": pair_model,
+        }
 
     @app.get("/health", response_model=Status)
     async def health() -> Any:
@@ -208,7 +222,7 @@ def _key_checker(expected: str) -> Any:
     bearer = HTTPBearer(auto_error=False, description="The server's API key as a bearer token.")
     want = expected.encode()
 
-    async def check(key: Optional[str] = Security(header), cred: Optional[HTTPAuthorizationCredentials] = Security(bearer)) -> None:
+    async def check(key: str | None = Security(header), cred: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
         given = key if key is not None else (cred.credentials if cred is not None else None)
         if given is None or not secrets.compare_digest(given.encode(), want):
             raise HTTPException(

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 # The model call: texts and (for text-pair models) their second texts -> probabilities (n, num_labels).
-ModelFn = Callable[[list[str], Optional[list[str]]], np.ndarray]
+ModelFn = Callable[[list[str], list[str] | None], np.ndarray]
 # Told after every model call: number of texts and seconds spent in the model.
 BatchObserver = Callable[[int, float], None]
 
@@ -130,7 +131,7 @@ class MicroBatcher:
             end = start + self.max_batch_size
             second = list(pairs[start:end]) if pairs is not None else None
             chunk = _Chunk(list(texts[start:end]), second, loop.create_future(), now)
-            chunk.future.add_done_callback(lambda fut, c=chunk: self._forget_if_cancelled(c))
+            chunk.future.add_done_callback(functools.partial(self._forget_if_cancelled, chunk))
             self._queue.append(chunk)
             self._queued += len(chunk.texts)
             chunks.append(chunk)
@@ -169,8 +170,10 @@ class MicroBatcher:
         self._queued -= len(chunk.texts)
         return chunk
 
-    def _forget_if_cancelled(self, chunk: _Chunk) -> None:
-        """A cancelled chunk leaves the queue at once: its texts no longer count against the bound."""
+    def _forget_if_cancelled(self, chunk: _Chunk, done: asyncio.Future) -> None:
+        """A cancelled chunk leaves the queue at once: its texts no longer count against the bound.
+
+        A done callback of `chunk.future`, which is `done`."""
         if chunk.future.cancelled() and chunk in self._queue:
             self._queue.remove(chunk)
             self._queued -= len(chunk.texts)
@@ -238,7 +241,12 @@ class MicroBatcher:
 
     async def _call(self, batch: list[_Chunk]) -> np.ndarray:
         texts = [t for c in batch for t in c.texts]
-        pairs = [p for c in batch for p in c.pairs] if batch[0].pairs is not None else None
+        pairs: list[str] | None = None
+        if batch[0].pairs is not None:  # a text-pair model: every request carries pairs
+            pairs = []
+            for c in batch:
+                assert c.pairs is not None, "a batch mixes texts with and without pairs"
+                pairs.extend(c.pairs)
         started = time.perf_counter()
         probs = await asyncio.get_running_loop().run_in_executor(self._executor, self.model_fn, texts, pairs)
         seconds = time.perf_counter() - started

@@ -18,7 +18,7 @@ functions; softmax loses them, so single-label models take only "softmax" and sa
 No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
 """
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -39,8 +39,8 @@ class LabelScore(BaseModel):
 
 class Parameters(BaseModel):
     model_config = NoExtra
-    top_k: Optional[int] = Field(None, ge=1, description="Keep the k best labels (default: all).")
-    function_to_apply: Optional[Literal["softmax", "sigmoid", "none"]] = Field(
+    top_k: int | None = Field(None, ge=1, description="Keep the k best labels (default: all).")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
         None, description="Default: the model's own (softmax; sigmoid for multi-label models)."
     )
 
@@ -73,10 +73,10 @@ def _request_model(settings: ServeSettings, pair_model: bool) -> type[BaseModel]
     one: Any = text
     if pair_model:
         one = create_model("TextPair", __config__=NoExtra, text=(text, ...), text_pair=(text, ...))
-    many = Annotated[list[one], Field(min_length=1, max_length=settings.max_texts)]  # type: ignore[valid-type]
+    many = Annotated[list[one], Field(min_length=1, max_length=settings.max_texts)]
     single, several = ("pair", "pairs") if pair_model else ("text", "texts")
     inputs = Annotated[
-        Union[Annotated[one, Tag(single)], Annotated[many, Tag(several)]],
+        Annotated[one, Tag(single)] | Annotated[many, Tag(several)],
         Discriminator(lambda v: several if isinstance(v, list) else single),
     ]
     what = "a {text, text_pair} pair or a list of" if pair_model else "a text or a list of"
@@ -84,8 +84,8 @@ def _request_model(settings: ServeSettings, pair_model: bool) -> type[BaseModel]
         "HFClassifyRequest",
         __config__=NoExtra,
         inputs=(inputs, Field(description=f"{what} 1 to {settings.max_texts}; texts of at most {settings.max_chars} chars.")),
-        parameters=(Optional[Parameters], None),
-        options=(Optional[dict[str, Any]], Field(None, description="Ignored (the Inference API's caching options).")),
+        parameters=(Parameters | None, None),
+        options=(dict[str, Any] | None, Field(None, description="Ignored (the Inference API's caching options).")),
     )
 
 
@@ -96,7 +96,8 @@ def _scores(probs: np.ndarray, multi_label: bool, function: str | None) -> np.nd
         return probs
     if not multi_label:
         raise HTTPException(
-            422, f"parameters.function_to_apply: this model's scores are softmax probabilities, from which the raw "
+            422,
+            f"parameters.function_to_apply: this model's scores are softmax probabilities, from which the raw "
             f"logits that {function!r} needs cannot be recovered; use 'softmax' or leave it out",
         )
     p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
@@ -140,7 +141,7 @@ def add_hf_routes(
         return (await classify(body, request))[0]
 
     @app.post(
-        "/predict", response_model=Union[list[LabelScore], list[list[LabelScore]]], dependencies=dependencies, responses=responses
+        "/predict", response_model=list[LabelScore] | list[list[LabelScore]], dependencies=dependencies, responses=responses
     )
     async def tei_predict(body: HFClassifyRequest, request: Request) -> Any:  # type: ignore[valid-type]
         """text-embeddings-inference shape: one list of {label, score} for a single input, a list of them for a list."""
@@ -152,11 +153,22 @@ def add_hf_routes(
         """The model's labels and task, and the limits this server applies."""
         s = settings
         limits = Limits(
-            max_texts=s.max_texts, max_chars=s.max_chars, max_body_bytes=s.max_body_bytes, max_queue_texts=s.queue_bound,
-            max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms, read_timeout_s=s.read_timeout,
+            max_texts=s.max_texts,
+            max_chars=s.max_chars,
+            max_body_bytes=s.max_body_bytes,
+            max_queue_texts=s.queue_bound,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            read_timeout_s=s.read_timeout,
             keep_alive_timeout_s=s.keep_alive_timeout,
         )
         return Info(
-            labels=names, multi_label=multi_label, threshold=predictor.threshold, text_pairs=pair_model, limits=limits,
-            function_to_apply="sigmoid" if multi_label else "softmax", backend=predictor.backend, version=app.version,
+            labels=names,
+            multi_label=multi_label,
+            threshold=predictor.threshold,
+            text_pairs=pair_model,
+            limits=limits,
+            function_to_apply="sigmoid" if multi_label else "softmax",
+            backend=predictor.backend,
+            version=app.version,
         )

@@ -39,7 +39,7 @@ def error_body(path: str, detail: Any) -> dict[str, Any]:
     return {"detail": detail, "error": detail} if path in HF_PATHS else {"detail": detail}
 
 
-def queue_full_detail(batcher: "MicroBatcher") -> str:
+def queue_full_detail(batcher: MicroBatcher) -> str:
     return (
         f"the server is busy ({batcher.queued_texts} texts waiting, bound {batcher.max_queue_texts}); retry after "
         f"{batcher.retry_after()} s (the Retry-After header), send fewer texts per request, or add instances"
@@ -106,7 +106,7 @@ class ServingMiddleware:
         state: ServerState,
         max_body_bytes: int,
         read_timeout: float = 30.0,
-        batcher: "MicroBatcher | None" = None,
+        batcher: MicroBatcher | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics

@@ -7,7 +7,6 @@ Its own module so that the serving modules (app, server, HF routes) can import i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from textclass.errors import UserError
 
@@ -21,8 +20,8 @@ class ServeSettings:
     max_texts: int = 64  # texts per request
     max_chars: int = 10_000  # characters per text
     max_body_bytes: int = 1_000_000  # request body size
-    api_key: Optional[str] = None  # when set, /v1/*, /info, POST / and /predict, /metrics need it
-    max_queue_texts: Optional[int] = None  # texts waiting for the model; None: `queue_bound`'s default
+    api_key: str | None = None  # when set, /v1/*, /info, POST / and /predict, /metrics need it
+    max_queue_texts: int | None = None  # texts waiting for the model; None: `queue_bound`'s default
     read_timeout: float = 30.0  # seconds for a request's head, and again for its body, to arrive
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's)
 

@@ -9,7 +9,8 @@ waits for the batcher and for the disconnect together.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request

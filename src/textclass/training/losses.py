@@ -6,7 +6,8 @@ binary cross-entropy with logits (one-vs-all) for multi-label, each with optiona
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,9 +40,7 @@ def make_loss(
     elif not isinstance(class_weights, str):
         weights = [float(w) for w in class_weights]
         if len(weights) != num_labels:
-            raise UserError(
-                f"training.class_weights: {len(weights)} weights given for {num_labels} labels; give one per label"
-            )
+            raise UserError(f"training.class_weights: {len(weights)} weights given for {num_labels} labels; give one per label")
     w = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
     if multi_label:
         return nn.BCEWithLogitsLoss(pos_weight=w)

@@ -19,7 +19,7 @@ from textclass.errors import UserError
 from textclass.table_rows import gather_rows, scatter_rows
 
 
-def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
+def sparse_parameters(model: nn.Module) -> list[torch.Tensor]:
     """Trainable weights of embeddings built with `sparse=True`: their gradients are sparse tensors."""
     return [
         m.weight
@@ -76,11 +76,11 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     fastText's 2M-row table carries 8 MB of optimizer state instead of two table-sized moments.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-2, eps: float = 1e-8) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-2, eps: float = 1e-8) -> None:
         super().__init__(params, {"lr": lr, "eps": eps})
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -128,7 +128,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def state(self) -> dict[Any, Any]:  # type: ignore[override]
         return {p: s for o in self.optimizers for p, s in o.state.items()}
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = closure() if closure is not None else None
         for o in self.optimizers:
             o.step()
@@ -138,14 +138,14 @@ class CombinedOptimizer(torch.optim.Optimizer):
         for o in self.optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("optimizers")
         if not isinstance(saved, list) or len(saved) != len(self.optimizers):
             raise UserError("checkpoint: optimizer state does not match this model's optimizers; train without --resume")
-        for o, s in zip(self.optimizers, saved):
+        for o, s in zip(self.optimizers, saved, strict=True):
             o.load_state_dict(s)
 
 

@@ -58,7 +58,9 @@ def load_pending_config(run_dir: Path) -> dict[str, Any]:
     p = pending_config(run_dir)
     if not p.is_file():
         if (run_dir / CONFIG_FILE).is_file():
-            raise UserError(f"{run_dir}: this run finished; nothing to resume (start a new one with --overwrite or another --output)")
+            raise UserError(
+                f"{run_dir}: this run finished; nothing to resume (start a new one with --overwrite or another --output)"
+            )
         raise UserError(f"{run_dir}: no unfinished run to resume here (no checkpoints/{p.name}); train without --resume")
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
@@ -126,13 +128,19 @@ def last_complete_checkpoint(run_dir: Path, quiet: bool = False) -> str | None:
     """
     folder = run_dir / CHECKPOINTS_DIR
     found = sorted(
-        ((int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else []) if (m := _CHECKPOINT.match(p.name)) and p.is_dir()),
+        (
+            (int(m.group(1)), p)
+            for p in (folder.iterdir() if folder.is_dir() else [])
+            if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
+        ),
         reverse=True,
     )
-    for step, path in found:
+    for _step, path in found:
         if _is_complete(path):
             return str(path)
         if not quiet:
-            log.warning("%s: incomplete (no %s; cut short while saving?), removed; resuming from an earlier one", path, TRAINER_STATE)
+            log.warning(
+                "%s: incomplete (no %s; cut short while saving?), removed; resuming from an earlier one", path, TRAINER_STATE
+            )
             shutil.rmtree(path, ignore_errors=True)
     return None

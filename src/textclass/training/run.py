@@ -101,8 +101,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     set_seed(cfg.training.seed)
     # Small models fit their vocabulary here: on a pair task the second texts' words count too.
     model = family.create(cfg, data.labels, texts + (pairs or []))
-    loss_fn = make_loss(data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights,
-                        data.labels.encode_all(data.train["labels"]))
+    loss_fn = make_loss(
+        data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights, data.labels.encode_all(data.train["labels"])
+    )
 
     created = prepare_run_dir(run_dir, resume, overwrite)
     try:
@@ -111,6 +112,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir) if resume else None)
         _log_kept(trainer, cfg)
+        assert trainer.model is not None  # build_trainer gave it the model object's network
         model.network = trainer.model  # the kept weights (the Trainer loads the best checkpoint's into its model)
         model.save_weights(run_dir)
         write_parity_sample(run_dir, data.valid, seed=cfg.data.seed)
@@ -195,7 +197,7 @@ def _log_kept(trainer: Any, cfg: Config) -> None:
 
 def _train_summary(trainer: Any) -> dict[str, Any]:
     state = trainer.state
-    last = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})
+    last: dict[str, Any] = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})
     return {
         "global_step": state.global_step,
         "epochs": state.epoch,

@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -92,6 +92,7 @@ class ClassifierTrainer(Trainer):
         stock optimizer.
         """
         opt_model = self.model if model is None else model
+        assert opt_model is not None  # build_trainer always passes the model object's network
         head = head_parameter_names(opt_model) if self.head_lr_scale != 1.0 else set()
         if self.optimizer is None and head:
             self.optimizer = self._adamw_with_head_groups(opt_model, head)
@@ -111,7 +112,8 @@ class ClassifierTrainer(Trainer):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = set(self.get_decay_parameter_names(model))
         groups = param_groups(named, decay, self.args.weight_decay, self.args.learning_rate, head, self.head_lr_scale)
-        opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        # any nn.Module works (transformers annotates PreTrainedModel; it only reads the model for a few optimizers)
+        opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)  # type: ignore[arg-type]
         return opt_cls(groups, **opt_kwargs)
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
@@ -298,7 +300,15 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
-def resolve_precision(precision: str, cpu_autocast: bool = True) -> dict[str, bool]:
+class PrecisionFlags(TypedDict, total=False):
+    """The TrainingArguments precision flags `resolve_precision` sets (absent: False)."""
+
+    bf16: bool
+    fp16: bool
+    use_cpu: bool
+
+
+def resolve_precision(precision: str, cpu_autocast: bool = True) -> PrecisionFlags:
     """TrainingArguments flags for the requested precision, checked against the hardware.
 
     `auto` on CPU picks bf16 autocast for families with `cpu_autocast` when the CPU has native bf16: a
@@ -322,6 +332,7 @@ def resolve_precision(precision: str, cpu_autocast: bool = True) -> dict[str, bo
 def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid: bool) -> TrainingArguments:
     """Map our training section onto TrainingArguments (one place)."""
     t = cfg.training
+    assert t.batch_size is not None and t.learning_rate is not None  # filled in by run.resolve_defaults
     strategy = "steps" if t.eval_steps else "epoch"
     keep_best = has_valid and t.final_model == "best"
     return TrainingArguments(
@@ -342,7 +353,7 @@ def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid:
         # so the result is the same.
         save_strategy="best" if keep_best and family.save_only_improving else strategy,
         eval_steps=t.eval_steps,
-        save_steps=t.eval_steps,
+        save_steps=t.eval_steps,  # type: ignore[arg-type]  # None (epoch strategy) is handled; transformers annotates float
         save_total_limit=t.save_total_limit,
         load_best_model_at_end=keep_best,
         metric_for_best_model=t.best_metric,  # tracked (and reported) with final_model=last too

@@ -10,6 +10,9 @@ alone and in a batch with longer texts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +36,6 @@ class TextCNN(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.dropout(self.embedding(input_ids, attention_mask)).transpose(1, 2)  # (batch, dim, time)
         # Window t covers tokens t .. t+k-1; padding on the right keeps one output per input position.
-        maps = [F.relu(conv(F.pad(x, (0, conv.kernel_size[0] - 1)))) for conv in self.convs]
+        maps = [F.relu(conv(F.pad(x, (0, conv.kernel_size[0] - 1)))) for conv in cast("Iterable[nn.Conv1d]", self.convs)]
         features = torch.cat(maps, dim=1).transpose(1, 2)  # (batch, time, filters)
         return self.fc(self.dropout(self.pool(features, attention_mask)))

@@ -30,8 +30,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> tuple[torc
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
-    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
-    return ids, mask
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 class MaskedPool(nn.Module):

@@ -25,7 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from textclass.config import Config, SmallModelConfig
+from textclass.config import (
+    Config,
+    FastTextConfig,
+    SmallModelConfig,
+    TextCNNConfig,
+    TextRCNNConfig,
+    TextRNNConfig,
+    TransformerConfig,
+)
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.models.base import OnnxSpec, TextModel
@@ -40,21 +48,39 @@ from textclass.text import UNK_ID, TextTokenizer, load_word2vec
 
 log = logging.getLogger("textclass")
 
-_Builder = Callable[[SmallModelConfig, int, int], nn.Module]
-_BUILDERS: dict[str, _Builder] = {
+
+def _fasttext(c: FastTextConfig, v: int, n: int) -> nn.Module:
     # Sparse gradients: a step touches only the rows of the batch's features, not the ~1 GB table (the
     # Trainer gives such embeddings row-wise AdaGrad, training/optim.py).
-    "fasttext": lambda c, v, n: FastText(
-        v, n, c.embedding_dim, c.buckets if uses_buckets(c.word_ngrams, c.maxn) else 0, sparse=True
-    ),
-    "textcnn": lambda c, v, n: TextCNN(v, n, c.embedding_dim, c.filter_sizes, c.num_filters, c.dropout),
-    "textrnn": lambda c, v, n: TextRNN(
-        v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.rnn_pooling, c.dropout
-    ),
-    "textrcnn": lambda c, v, n: TextRCNN(v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.dropout),
-    "transformer": lambda c, v, n: TransformerClassifier(
+    return FastText(v, n, c.embedding_dim, c.buckets if uses_buckets(c.word_ngrams, c.maxn) else 0, sparse=True)
+
+
+def _textcnn(c: TextCNNConfig, v: int, n: int) -> nn.Module:
+    return TextCNN(v, n, c.embedding_dim, c.filter_sizes, c.num_filters, c.dropout)
+
+
+def _textrnn(c: TextRNNConfig, v: int, n: int) -> nn.Module:
+    return TextRNN(v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.rnn_pooling, c.dropout)
+
+
+def _textrcnn(c: TextRCNNConfig, v: int, n: int) -> nn.Module:
+    return TextRCNN(v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.rnn_type, c.dropout)
+
+
+def _transformer(c: TransformerConfig, v: int, n: int) -> nn.Module:
+    return TransformerClassifier(
         v, n, c.embedding_dim, c.hidden_size, c.num_layers, c.num_heads, c.max_length, c.positional_encoding, c.dropout
-    ),
+    )
+
+
+# Each builder takes the config class of its arch (`SMALL_ARCHS`), which `cfg.arch` selects: hence `Any`.
+_Builder = Callable[[Any, int, int], nn.Module]
+_BUILDERS: dict[str, _Builder] = {
+    "fasttext": _fasttext,
+    "textcnn": _textcnn,
+    "textrnn": _textrnn,
+    "textrcnn": _textrcnn,
+    "transformer": _transformer,
 }
 
 
@@ -85,7 +111,7 @@ def init_from_vectors(model: nn.Module, tokenizer: TextTokenizer, cfg: SmallMode
         return 0
     ids, vectors = load_word2vec(cfg.pretrained_vectors, tokenizer.vocab, cfg.embedding_dim, cfg.lowercase)
     if len(ids):
-        weight = model.embedding.weight
+        weight = model.get_parameter("embedding.weight")
         with torch.no_grad():
             weight[torch.from_numpy(ids)] = torch.from_numpy(vectors).to(weight.dtype)
     return len(ids)
@@ -95,8 +121,15 @@ class SmallModel(TextModel):
     """A small network over textclass's own tokenizer (fastText, TextCNN, TextRNN, TextRCNN, Transformer)."""
 
     @property
+    def small_cfg(self) -> SmallModelConfig:
+        """`cfg.model`, which in this family is always the config of a small arch."""
+        cfg = self.cfg.model
+        assert isinstance(cfg, SmallModelConfig)
+        return cfg
+
+    @property
     def _bags(self) -> bool:
-        return self.cfg.model.arch == "fasttext"
+        return self.small_cfg.arch == "fasttext"
 
     def encode(self, texts: list[str], pairs: list[str] | None) -> dict[str, list]:
         """`input_ids`: vocabulary ids of the first `max_length` tokens (never empty).
@@ -105,12 +138,12 @@ class SmallModel(TextModel):
         the Arrow cache schema fixed: a separate n-gram column can be empty for a whole batch (one-word
         texts), `datasets` then infers a null type and fails on the next batch.
         """
-        cfg, tokenizer = self.cfg.model, self.tokenizer
+        cfg, tokenizer = self.small_cfg, self.tokenizer
         tokens = [tokenizer.tokens(t, pairs[i] if pairs is not None else None, cfg.max_length) for i, t in enumerate(texts)]
         ids = [tokenizer.vocab.ids(ts) or [UNK_ID] for ts in tokens]
-        if self._bags and uses_buckets(cfg.word_ngrams, cfg.maxn):
+        if isinstance(cfg, FastTextConfig) and uses_buckets(cfg.word_ngrams, cfg.maxn):  # `_bags`, narrowed
             hashed = batch_hashed_features(tokens, len(tokenizer.vocab), cfg.word_ngrams, cfg.minn, cfg.maxn, cfg.buckets)
-            ids = [row + extra for row, extra in zip(ids, hashed)]
+            ids = [row + extra for row, extra in zip(ids, hashed, strict=True)]
         return {"input_ids": ids}
 
     def _pad(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -124,14 +157,14 @@ class SmallModel(TextModel):
         compact = getattr(self.network, "compact_state_dict", None)  # fastText: its sparse table form, rows from a full scan
         state = compact(scan=True) if compact is not None else self.network.state_dict()
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt", "arch": self.cfg.model.arch})
+        save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt", "arch": self.small_cfg.arch})
 
     def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
         if self._bags:
             return OnnxSpec(["input_ids", "offsets"], layout="bags")
         # The TorchScript trace of nn.MultiheadAttention bakes the example's batch x heads into a Reshape.
         spec = super().onnx_spec(sample_batch)
-        spec.dynamo = self.cfg.model.arch == "transformer"
+        spec.dynamo = self.small_cfg.arch == "transformer"
         return spec
 
     def onnx_module(self, int8: bool = False) -> nn.Module:

@@ -107,9 +107,7 @@ def char_ngram_buckets(word: str, minn: int, maxn: int, buckets: int) -> tuple[i
     return tuple(out)
 
 
-def hashed_features(
-    tokens: list[str], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int
-) -> list[int]:
+def hashed_features(tokens: list[str], vocab_size: int, word_ngrams: int, minn: int, maxn: int, buckets: int) -> list[int]:
     """Embedding rows of the n-gram features of one text: `vocab_size + bucket id`."""
     return batch_hashed_features([tokens], vocab_size, word_ngrams, minn, maxn, buckets)[0]
 
@@ -122,7 +120,7 @@ def batch_hashed_features(
         return [[] for _ in token_lists]
     words = batch_word_ngram_buckets(token_lists, word_ngrams, buckets)
     out = []
-    for tokens, ids in zip(token_lists, words):
+    for tokens, ids in zip(token_lists, words, strict=True):
         row = (ids + vocab_size).tolist()
         if maxn > 0:
             for t in tokens:
@@ -256,6 +254,8 @@ class CompactFastText(nn.Module):
     """
 
     quantization = {"weight_type": "int8", "per_channel": True, "method": "per-row int8 embedding table (fastText export)"}
+    table: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor | None
 
     def __init__(self, model: FastText, int8: bool = False) -> None:
         super().__init__()
@@ -324,7 +324,7 @@ class _SparseBagMean(torch.autograd.Function):
         return nn.functional.embedding_bag(ids, weight, offsets, mode="mean")
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         ids, offsets = ctx.saved_tensors
         sizes = torch.diff(offsets, append=offsets.new_tensor([len(ids)]))
         bag = torch.repeat_interleave(torch.arange(len(offsets), device=ids.device), sizes)
