@@ -32,7 +32,9 @@ demo: $(VENV)/.core
 	HF_HUB_OFFLINE=1 $(VENV)/bin/textclass predict --model runs/demo --input examples/sentences.csv --output runs/demo/example_predictions.csv
 	$(PY) -c "import pandas as pd; print(pd.read_csv('runs/demo/example_predictions.csv')[['text','label','score']].to_string(index=False, max_colwidth=70))"
 
+# Lint, format check and type check of src/ first (settings in pyproject.toml), then the tests.
 test: install
+	$(VENV)/bin/ruff check src && $(VENV)/bin/ruff format --check src && $(VENV)/bin/mypy
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q
 
 bench: install
