@@ -30,23 +30,6 @@ PACKAGE = "textclass"
 REGISTRY = "textclass.models.registry"
 FAMILY_PACKAGES = ("textclass.models.encoder", "textclass.models.small")
 
-# Cycles and layering violations that exist today. Each is asserted like the others but marked
-# xfail(strict=True): once fixed, its XPASS fails the suite, and its entry here must go.
-KNOWN_CYCLES: dict[str, tuple[frozenset[str], str]] = {
-    # training/trainer.py does `from textclass import __version__` (in a function); the package facade
-    # imports `api` (in `__getattr__`), which imports training. Fix: read the version without the facade.
-    "textclass<->api<->training": (
-        frozenset({"textclass", "textclass.api", "textclass.training.run", "textclass.training.trainer"}),
-        "training/trainer.py imports the package facade for __version__",
-    ),
-    # serve/server.py and serve/hf_api.py still do `from textclass.serve import ServeSettings`; the package's
-    # `serve()` imports them. Fix: `from textclass.serve.settings import ServeSettings` in both.
-    "serve<->serve.server/hf_api": (
-        frozenset({"textclass.serve", "textclass.serve.app", "textclass.serve.hf_api", "textclass.serve.server"}),
-        "serve/server.py and serve/hf_api.py import ServeSettings from the package, not serve/settings.py",
-    ),
-}
-
 # (importer package, imported package, known violation reason or None): the importer must not import it.
 LAYERS: list[tuple[str, str, str | None]] = [
     ("textclass.training", "textclass.inference", None),
@@ -253,20 +236,9 @@ def test_the_registry_exception_is_only_lazy() -> None:
 
 
 def test_no_import_cycles() -> None:
-    """No cycle apart from the registry's lazy family imports (and the known ones asserted below)."""
-    known = [modules for modules, _ in KNOWN_CYCLES.values()]
-    unknown = [c for c in import_cycles(EDGES) if not any(set(c) <= k for k in known)]
-    assert not unknown, "import cycles:\n" + "\n".join(_describe(c, EDGES) for c in unknown)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason)) for name, (_, reason) in KNOWN_CYCLES.items()],
-)
-def test_known_import_cycle_is_gone(name: str) -> None:
-    modules, _ = KNOWN_CYCLES[name]
-    remaining = [c for c in import_cycles(EDGES) if len(modules & set(c)) > 1]
-    assert not remaining, "import cycles:\n" + "\n".join(_describe(c, EDGES) for c in remaining)
+    """No cycle apart from the registry's lazy family imports."""
+    cycles = import_cycles(EDGES)
+    assert not cycles, "import cycles:\n" + "\n".join(_describe(c, EDGES) for c in cycles)
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["Classifier", "Config", "UserError", "evaluate", "load", "load_config", "train"]
+from textclass.version import __version__
+
+__all__ = ["Classifier", "Config", "UserError", "__version__", "evaluate", "load", "load_config", "train"]
 
 
 def __getattr__(name: str) -> Any:

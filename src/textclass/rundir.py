@@ -36,6 +36,7 @@ WEIGHTS_FILE = "model.safetensors"
 ENCODER_CONFIG_FILE = "encoder_config.json"  # the encoder family's `linear` head: the body's HF config
 SMALL_TOKENIZER_FILE = "textclass_tokenizer.json"  # the small family's own tokenizer (vocabulary, kind)
 LEGACY_SMALL_TOKENIZER_FILE = "tokenizer.json"  # its name before: Hugging Face tools read that name as theirs
+HF_TOKENIZER_FILE = "tokenizer.json"  # a fast Hugging Face tokenizer's own file (save_pretrained), read by `tokenizers`
 TRAINING_LOG_FILE = "training_log.json"
 TRAINING_CURVES_FILE = "training_curves.png"
 DATA_AUDIT_FILE = "data_audit.json"

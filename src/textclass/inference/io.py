@@ -16,6 +16,7 @@ from textclass.data.frames import text_columns
 from textclass.errors import UserError
 from textclass.fileio import atomic_write
 from textclass.inference.predictor import BasePredictor
+from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, TENSORBOARD_DIR
 
 log = logging.getLogger("textclass")
 
@@ -151,7 +152,7 @@ def interactive_loop(predictor: BasePredictor, top_k: int = 5) -> None:
 
 
 def _dir_size(path: Path) -> int:
-    skip = {"checkpoints", "eval", "runs"}
+    skip = {CHECKPOINTS_DIR, EVAL_DIR, TENSORBOARD_DIR}  # training leftovers, reports, logs: not needed to predict
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (set(f.relative_to(path).parts) & skip))
 
 

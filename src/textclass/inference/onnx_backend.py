@@ -28,10 +28,9 @@ from textclass.config import Config
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.inference.predictor import BasePredictor
-from textclass.rundir import EXPORT_FILE, ONNX_DIR, check_run_dir, read_labels, read_run_config
+from textclass.rundir import EXPORT_FILE, HF_TOKENIZER_FILE, ONNX_DIR, check_run_dir, read_labels, read_run_config
 
 VARIANTS = ("fp32", "int8")
-HF_TOKENIZER_FILE = "tokenizer.json"  # written by the tokenizer's own save_pretrained, read by `tokenizers`
 
 
 def export_record_path(run_dir: str | Path) -> Path:

@@ -25,8 +25,8 @@ from fastapi import FastAPI, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model
 
 from textclass.inference.predictor import BasePredictor
-from textclass.serve import ServeSettings
 from textclass.serve.batcher import MicroBatcher
+from textclass.serve.settings import ServeSettings
 from textclass.serve.submit import submit_texts
 
 NoExtra = ConfigDict(extra="forbid")

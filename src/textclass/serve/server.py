@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from textclass.serve import ServeSettings
+from textclass.serve.settings import ServeSettings
 
 if TYPE_CHECKING:
     from textclass.serve.batcher import MicroBatcher

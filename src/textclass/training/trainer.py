@@ -243,7 +243,7 @@ def _encoding_code_version(model: TextModel) -> str:
     """textclass's version, ENCODING_VERSION and the model class's module source, so changed code re-tokenizes."""
     import inspect
 
-    from textclass import __version__
+    from textclass.version import __version__
 
     try:
         source = inspect.getsource(inspect.getmodule(type(model)))  # type: ignore[arg-type]
