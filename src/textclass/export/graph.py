@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from textclass.models.base import TextModel
+from textclass.models.base import OnnxSpec, TextModel
 
 log = logging.getLogger("textclass")
 
@@ -48,8 +48,7 @@ OUTPUTS = ["logits", "probabilities"]
 class GraphSpec:
     """What the exported graph looks like from outside (recorded in export.json)."""
 
-    inputs: list[str]
-    layout: str  # "padded" or "bags"
+    model: OnnxSpec  # what the model object said: input names, layout, padding
     exporter: str  # "torchscript" or "dynamo"
     opset: int
     quantization: dict[str, Any] | None = None  # how the model quantised itself (`int8=True`)
@@ -101,7 +100,7 @@ def export_graph(model: TextModel, sample_batch: dict[str, torch.Tensor], path: 
                 external_data=False,
                 verbose=False,
             )
-            return GraphSpec(names, spec.layout, "dynamo", 18, quantization)
+            return GraphSpec(spec, "dynamo", 18, quantization)
         if spec.layout == "bags":
             axes = {"input_ids": {0: "features"}, "offsets": {0: "batch"}}
         else:
@@ -115,7 +114,7 @@ def export_graph(model: TextModel, sample_batch: dict[str, torch.Tensor], path: 
                 custom_opsets=CUSTOM_OPSETS,
                 dynamo=False,
             )
-    return GraphSpec(names, spec.layout, "torchscript", OPSET, quantization)
+    return GraphSpec(spec, "torchscript", OPSET, quantization)
 
 
 @contextlib.contextmanager

@@ -172,18 +172,17 @@ def _export_into(
     log.info("exporting the %s graph (dynamic batch and sequence axes)", model.family.name)
     write = functools.partial(_write_graph, model, example, optimize=optimize)
     spec, fused = write(fp32)
-    layout = model.onnx_spec(example)
     record: dict[str, Any] = {
         "format_version": 1,
         "files": {"fp32": ONNX_FP32_FILE},
         "default": "fp32",
-        "inputs": spec.inputs,
+        "inputs": spec.model.inputs,
         "outputs": OUTPUTS,
-        "layout": spec.layout,
+        "layout": spec.model.layout,
         # How the onnx backend encodes texts, and pads its own (torch-free) batches.
         "text_encoding": model.onnx_text_encoding(),
-        "pad_id": layout.pad_id,
-        "padding_side": layout.padding_side,
+        "pad_id": spec.model.pad_id,
+        "padding_side": spec.model.padding_side,
         "probabilities": "sigmoid" if labels.multi_label else "softmax",
         "labels": list(labels.names),
         "family": model.family.name,

@@ -29,7 +29,7 @@ class BasePredictor:
     """What both backends share: batched encoding, length-sorted batches, decoding of probabilities.
 
     Subclasses set `encoder`, `cfg`, `labels`, `batch_size` and implement `_forward` (one padded batch ->
-    probabilities as a numpy array).
+    probabilities as a numpy array), or `predict_proba` itself where the model object already does it.
     """
 
     backend: str
@@ -93,10 +93,8 @@ class Predictor(BasePredictor):
         self.batch_size = batch_size
         model.network.eval()
 
-    def _forward(self, batch: Any) -> np.ndarray:
-        return self.model.probabilities(batch).cpu().numpy()
-
     def predict_proba(self, texts: list[str], pairs: list[str] | None = None, progress: bool = False) -> np.ndarray:
+        """The model object's own batched forward pass (training's reports run the same code)."""
         return self.model.predict_proba(texts, pairs, self.batch_size, progress)
 
     def parameter_counts(self) -> tuple[int, int]:
