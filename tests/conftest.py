@@ -111,3 +111,49 @@ def tiny_config(tiny_bert: Path, files: dict[str, Path], out: Path, **training: 
             **training,
         },
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (hidden 64) and a word-level tokenizer with BOS and EOS but no pad token, as a
+    local model folder: the shape of a real decoder LLM at a size that trains in seconds."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    corpus = make_texts(300, seed=1)["text"].tolist() + ["我爱自然语言处理", "这本书很好看"]
+    prompt_words = "text topic label labels answer is which of fits the read choose one : , . ? yes no".split()
+    words = sorted({w for t in corpus for w in t.lower().split()} | set(prompt_words) | set(TOPICS))
+    chars = sorted({c for t in corpus for c in t if not c.isascii()})
+    vocab = ["<unk>", "<s>", "</s>"] + words + chars
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def tiny_llm_config(tiny_llama: Path, files: dict[str, Path], out: Path, model: dict | None = None, **training: object) -> dict:
+    """A fast config for the tiny Llama on the toy files (LoRA unless `model` says otherwise)."""
+    return {
+        "data": {k: str(v) for k, v in files.items()},
+        "model": {"family": "llm", "name": str(tiny_llama), "max_length": 48, "dropout": 0.0, **(model or {})},
+        "training": {"output_dir": str(out), "epochs": 3, "batch_size": 16, "learning_rate": 3e-3, "logging_steps": 5, **training},
+    }

@@ -70,6 +70,27 @@ def evaluate(
         raise UserError(f"{out}: cannot write the report ({err.strerror}); choose a writable --output") from None
 
 
+def zero_shot(
+    labels: list[str],
+    data: str | Path | None = None,
+    model: str | None = None,
+    prompt: str | None = None,
+    config: str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Classify with a decoder LLM's likelihood of each label's words after `prompt`, without training.
+
+    Writes a run directory that `Classifier.load`, `evaluate`, `predict` and `serve` accept; with `data` (a
+    labelled file) also the report `evaluate` writes. Returns `run_dir`, `metrics` and `report`.
+    """
+    from textclass.zeroshot import run_zero_shot, zero_shot_config
+
+    cfg = zero_shot_config(config, overrides, model=model, prompt=prompt, output=output)
+    return run_zero_shot(cfg, labels, data=data, overwrite=overwrite)
+
+
 def export(
     model_dir: str | Path,
     output: str | Path | None = None,

@@ -89,6 +89,39 @@ def train(
     typer.echo(f"run directory: {result.run_dir}")
 
 
+@app.command("zero-shot")
+@_interruptible
+def zero_shot(
+    labels: str = typer.Option(..., "--labels", "-l", help="Comma-separated label names, e.g. sport,tech,politics."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Decoder LLM: hub name or folder (default SmolLM2-135M-Instruct)."
+    ),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Labelled file to score and report on."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Template with {text} (and {labels}, {text_pair})."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (data columns, model.label_words, ...)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set model.max_length=128"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run directory to write (default runs/zero-shot-NAME)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Classify without training: an LLM scores each label's words after the prompt; writes a run directory."""
+    from textclass.api import zero_shot as api_zero_shot
+    from textclass.evaluation import format_report
+
+    result = api_zero_shot(
+        labels.split(","),
+        data=data,
+        model=model,
+        prompt=prompt,
+        config=config,
+        overrides=list(set_),
+        output=output,
+        overwrite=overwrite,
+    )
+    if result["report"] is not None:
+        typer.echo(format_report(result["report"], title=f"zero-shot ({data})"))
+    typer.echo(f"run directory: {result['run_dir']}")
+
+
 @app.command()
 @_interruptible
 def evaluate(

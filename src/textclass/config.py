@@ -24,6 +24,8 @@ else:
     _ModelMetaclass = type(BaseModel)
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PROMPT_FIELDS = ("text", "text_pair", "labels")  # the placeholders `model.prompt` may use
 
 
 class _Section(BaseModel):
@@ -73,6 +75,76 @@ class EncoderModelConfig(_Section):
     pooling: Literal["cls", "mean"] = Field("cls", description="`cls`: the CLS token of the last layer.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(256, ge=8, le=8192, description="Maximum tokens per example (truncated beyond).")
+
+
+class LoraSettings(_Section):
+    """LoRA adapters through PEFT (`model.finetune: lora`)."""
+
+    r: int = Field(16, ge=1, description="Rank of the low-rank update.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(
+        None,
+        description="Names of the linear layers to adapt (e.g. [q_proj, v_proj]); default: every linear "
+        "projection of the blocks (q/k/v/o/gate/up/down in Llama-likes), never the output layer.",
+    )
+
+
+class LLMModelConfig(_Section):
+    """A decoder LLM (Llama, Qwen, Mistral, Gemma, SmolLM, ...) as a classifier."""
+
+    family: Literal["llm"] = "llm"
+    name: str = Field(DEFAULT_LLM, description="Hub name or local folder of a causal language model.")
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside `name`'s folder (or a path): dequantised once, cached as safetensors."
+    )
+    head: Literal["linear", "mlp", "hf", "lm"] = Field(
+        "linear",
+        description="`linear`: last-token pooling + dropout + linear; `mlp`: the same with hidden layers "
+        "(`mlp_hidden`); `hf`: AutoModelForSequenceClassification's `score` layer; `lm`: no head, the LM scores "
+        "the label words (zero-shot, `textclass zero-shot`).",
+    )
+    mlp_hidden: list[int] = Field(default_factory=lambda: [512, 256], description="Hidden sizes of the `mlp` head.")
+    pooling: Literal["last", "mean"] = Field("last", description="`last`: the state of the last real token.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before (and inside) the head.")
+    finetune: Literal["full", "lora", "head"] = Field(
+        "lora", description="`full`: every weight; `lora`: PEFT adapters + the head; `head`: frozen LLM, head only."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    prompt: str | None = Field(
+        None,
+        description="Template wrapping each text: placeholders {text}, {text_pair}, {labels} (the label "
+        "names); unset: the text alone (a pair as text, newline, second text).",
+    )
+    label_words: dict[str, str] | None = Field(
+        None, description="`head: lm`: the words the LM scores for each label (default: the label names)."
+    )
+    max_length: int = Field(256, ge=8, le=131072, description="Maximum tokens per example, prompt included.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_placeholders(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import string
+
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as err:
+            raise ValueError(f"not a valid template ({err}); write a literal brace as {{{{ or }}}}") from None
+        unknown = [f for f in fields if f not in PROMPT_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; use {{text}}, {{text_pair}} and {{labels}}")
+        if "text" not in fields:
+            raise ValueError("has no {text} placeholder; the template must say where the text goes")
+        return v
+
+    @field_validator("mlp_hidden")
+    @classmethod
+    def _mlp_sizes(cls, v: list[int]) -> list[int]:
+        if not v or min(v) < 1:
+            raise ValueError(f"{v} must be a non-empty list of layer sizes >= 1, e.g. [512, 256]")
+        return v
 
 
 class _SmallConfigMeta(_ModelMetaclass):
@@ -213,8 +285,8 @@ SmallArchConfig = Annotated[
     FastTextConfig | TextCNNConfig | TextRNNConfig | TextRCNNConfig | TransformerConfig,
     Field(discriminator="arch"),
 ]
-ModelConfig = Annotated[EncoderModelConfig | SmallArchConfig, Field(discriminator="family")]
-FAMILIES: dict[str, type[BaseModel]] = {"encoder": EncoderModelConfig, "small": SmallModelConfig}
+ModelConfig = Annotated[EncoderModelConfig | LLMModelConfig | SmallArchConfig, Field(discriminator="family")]
+FAMILIES: dict[str, type[BaseModel]] = {"encoder": EncoderModelConfig, "llm": LLMModelConfig, "small": SmallModelConfig}
 
 
 class TrainingConfig(_Section):
@@ -224,11 +296,13 @@ class TrainingConfig(_Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, description="If > 0, overrides epochs.")
     batch_size: int | None = Field(
-        None, ge=1, description="Unset: the family's default (encoder 16; small models by arch, see the README)."
+        None, ge=1, description="Unset: the family's default (encoder 16, llm 8; small models by arch, see the README)."
     )
     eval_batch_size: int = Field(64, ge=1)
     learning_rate: float | None = Field(
-        None, gt=0, description="Unset: the family's default (encoder 5e-5; small models by arch, see the README)."
+        None,
+        gt=0,
+        description="Unset: the family's default (encoder 5e-5; llm full 2e-5, lora 2e-4, head 1e-3; small models by arch).",
     )
     weight_decay: float = Field(0.01, ge=0)
     head_lr_scale: float = Field(
@@ -241,6 +315,9 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute a transformer's activations in the backward pass: less memory, ~30% slower."
+    )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",
         description="`auto`: bf16 on GPUs that have it, else fp16 on GPU; on CPU bf16 autocast for transformer "
@@ -315,7 +392,8 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _has_data(self) -> Config:
-        if self.data.train is None and self.data.dataset is None:
+        zero_shot = isinstance(self.model, LLMModelConfig) and self.model.head == "lm"  # scores, never trains
+        if self.data.train is None and self.data.dataset is None and not zero_shot:
             raise ValueError("data: set `data.train` (a file) or `data.dataset` (built-in or hub name)")
         return self
 

@@ -24,6 +24,11 @@ log = logging.getLogger("textclass")
 _TEMP_SUFFIX = re.compile(r"(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+|(?P<legacy>\d+)\.[0-9a-f]+\.tmp")
 
 
+def cache_dir() -> Path:
+    """textclass's cache (tokenized splits, dequantised GGUF models): $TEXTCLASS_CACHE or ~/.cache/textclass."""
+    return Path(os.environ.get("TEXTCLASS_CACHE", Path.home() / ".cache" / "textclass"))
+
+
 def temp_path(path: Path, tag: str = "tmp") -> Path:
     """A unique hidden name beside `path` for something being written (`tag` "tmp") or replaced ("old").
 

@@ -168,6 +168,9 @@ def _export_into(
     by_len = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     pick = [by_len[0], by_len[-1]] if len(texts) > 1 else [0, 0]
     example = model.collate(model.features([texts[i] for i in pick], [pairs[i] for i in pick] if pairs else None))
+    # The reference first, from the model as users run it (exporting may change its form, e.g. merge adapters).
+    log.info("parity check on %d texts (%s)", len(texts), source)
+    ref = model.predict_proba(texts, pairs, batch_size, progress)
     fp32 = tmp / ONNX_FP32_FILE
     log.info("exporting the %s graph (dynamic batch and sequence axes)", model.family.name)
     write = functools.partial(_write_graph, model, example, optimize=optimize)
@@ -191,8 +194,6 @@ def _export_into(
         "optimized": optimize,
         "fused_operators": fused,
     }
-    log.info("parity check on %d texts (%s)", len(texts), source)
-    ref = model.predict_proba(texts, pairs, batch_size, progress)
 
     # The onnx side encodes texts exactly as `load_predictor(backend="onnx")` will, so the parity check
     # covers the torch-free encoding path too.

@@ -24,6 +24,7 @@ from torch import nn
 from textclass.batching import batched_probabilities
 from textclass.config import Config
 from textclass.data.labels import LabelSet
+from textclass.errors import UserError
 
 if TYPE_CHECKING:
     from textclass.models.registry import Family
@@ -132,6 +133,22 @@ class TextModel:
         params = list(self.network.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """`training.gradient_checkpointing`: recompute the transformer's activations in the backward pass.
+
+        Non-reentrant checkpointing, which also works when the embeddings are frozen (LoRA, head-only)
+        without forcing their outputs to require gradients. Families without a Hugging Face transformer refuse it.
+        """
+        hf: list[Any] = [
+            m for m in self.network.modules() if hasattr(m, "gradient_checkpointing_enable") and hasattr(m, "config")
+        ][:1]
+        if not hf:
+            raise UserError(
+                f"training.gradient_checkpointing: the {self.family.name} family's networks have no transformer blocks "
+                "to checkpoint; set it to false"
+            )
+        hf[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     # -- ONNX -------------------------------------------------------------------------------------------
     def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
         """The graph's inputs, from one collated batch; families with other layouts override this."""
@@ -151,8 +168,22 @@ class TextModel:
 
     @contextlib.contextmanager
     def onnx_trace_context(self) -> Iterator[None]:
-        """Settings the network is traced under (e.g. eager attention), restored afterwards."""
-        yield
+        """Settings the network is traced under, restored afterwards (so the parity check compares against the
+        model as users run it): eager attention in any Hugging Face model, the pattern the TorchScript tracer
+        follows and onnxruntime's transformer fusion matches. A no-op for networks without one."""
+        # duck-typed: any module with both (a PreTrainedModel in practice)
+        hf: list[Any] = [m for m in self.network.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")][:1]
+        before = [getattr(m.config, "_attn_implementation", None) for m in hf]
+        try:
+            for m in hf:  # the outermost pretrained model sets it for its submodules
+                with contextlib.suppress(ValueError, AttributeError, TypeError):  # no switch: export as is
+                    m.set_attn_implementation("eager")
+            yield
+        finally:
+            for m, impl in zip(hf, before, strict=True):
+                if impl is not None:
+                    with contextlib.suppress(ValueError, AttributeError, TypeError):
+                        m.set_attn_implementation(impl)
 
     def onnx_fusion(self) -> dict[str, Any] | None:
         """Arguments for onnxruntime's transformer optimizer (`model_type`, `num_heads`, `hidden_size`) when the

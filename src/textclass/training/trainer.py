@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypedDict
@@ -28,6 +27,7 @@ from textclass.config import Config
 from textclass.data.frames import text_columns
 from textclass.data.labels import LabelSet
 from textclass.errors import UserError
+from textclass.fileio import cache_dir
 from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
@@ -218,10 +218,6 @@ class PackedRows(torch.utils.data.Dataset):
         return [self[i] for i in indices]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TEXTCLASS_CACHE", Path.home() / ".cache" / "textclass"))
-
-
 # Bump when the way texts become ids changes in a way the version and the family's source would not show.
 ENCODING_VERSION = 2
 
@@ -401,6 +397,8 @@ def metrics_fn(labels: LabelSet, threshold: float) -> Any:
 def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Path, loss_fn: nn.Module) -> ClassifierTrainer:
     """Assemble the Trainer around the model object: our loss, metrics, collator and callbacks."""
     cfg = model.cfg
+    if cfg.training.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     callbacks: list[Any] = []
     if cfg.training.early_stopping_patience and valid_ds is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
