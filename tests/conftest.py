@@ -129,7 +129,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab = ["<unk>", "<s>", "</s>"] + words + chars
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))}, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # whitespace, punctuation and each CJK character
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)

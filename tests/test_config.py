@@ -167,7 +167,7 @@ def test_small_section_without_arch_is_fasttext() -> None:
 def test_unknown_arch_and_family_list_the_choices() -> None:
     with pytest.raises(UserError, match=r"`model\.arch`: unknown arch 'cnn'; must be one of 'fasttext', 'textcnn'"):
         build_config({**BASE, "model": {"family": "small", "arch": "cnn"}})
-    with pytest.raises(UserError, match=r"`model\.family`: unknown family 'big'; must be one of 'encoder', 'small'"):
+    with pytest.raises(UserError, match=r"`model\.family`: unknown family 'big'; must be one of 'encoder', 'llm', 'small'"):
         build_config({**BASE, "model": {"family": "big"}})
     with pytest.raises(UserError, match=r"`model\.poolin`: unknown key; allowed here: .*pooling"):
         build_config({**BASE, "model": {"poolin": "mean"}})  # the encoder's keys

@@ -109,6 +109,14 @@ def export(
     return export_onnx(model_dir, output=output, int8=int8, optimize=optimize, data=data, samples=samples)
 
 
+def merge(model_dir: str | Path, output: str | Path | None = None) -> Path:
+    """Fold a LoRA run's adapters into full weights: a new run directory (default `RUN-merged`) that needs no
+    base model, predicts the same, and exports to ONNX like any full fine-tune. Returns its path."""
+    from textclass.export.merge import merge_run
+
+    return merge_run(model_dir, output)
+
+
 class Classifier:
     """A trained classifier loaded from its run directory.
 

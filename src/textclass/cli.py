@@ -200,9 +200,20 @@ def export(
     output: Path | None = typer.Option(None, "--output", "-o", help="Folder to write (default DIR/onnx)."),
     data: Path | None = typer.Option(None, "--data", help="Texts for the parity check (default: validation split)."),
     samples: int = typer.Option(256, min=1, help="Texts in the parity check."),
+    merge: bool = typer.Option(
+        False,
+        "--merge",
+        help="LoRA runs: write the adapters merged into full weights as a run directory (--output, default RUN-merged); no ONNX.",
+    ),
 ) -> None:
-    """Export to ONNX (dynamic batch and sequence axes) and check parity with PyTorch."""
+    """Export to ONNX (dynamic batch and sequence axes) and check parity with PyTorch; or merge LoRA adapters."""
     from textclass.api import export as api_export
+
+    if merge:
+        from textclass.api import merge as api_merge
+
+        typer.echo(f"wrote {api_merge(model, output)} (adapters merged into full weights; export it with --model)")
+        return
 
     record = api_export(model, output=output, int8=int8, optimize=optimize, data=data, samples=samples)
     p = record["parity"]

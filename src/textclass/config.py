@@ -121,6 +121,13 @@ class LLMModelConfig(_Section):
     )
     max_length: int = Field(256, ge=8, le=131072, description="Maximum tokens per example, prompt included.")
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _not_a_mapping(cls, v: Any) -> Any:
+        if isinstance(v, dict):  # `--set model.prompt={text} ...` reads as a YAML mapping
+            raise ValueError("was read as a mapping, not text; quote the template: --set 'model.prompt=\"{text} ...\"'")
+        return v
+
     @field_validator("prompt")
     @classmethod
     def _known_placeholders(cls, v: str | None) -> str | None:

@@ -147,7 +147,15 @@ class TextModel:
                 f"training.gradient_checkpointing: the {self.family.name} family's networks have no transformer blocks "
                 "to checkpoint; set it to false"
             )
-        hf[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf[0], "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            hf[0].activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf[0].gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def merge_adapter(self) -> None:
+        """Fold trained adapters into the weights, making the model a full fine-tune (`export --merge`)."""
+        raise UserError(f"the {self.family.name} family trains no adapters: there is no adapter to merge")
 
     # -- ONNX -------------------------------------------------------------------------------------------
     def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:

@@ -36,6 +36,7 @@ from textclass.models.llm.network import (
     build_head,
     linear_layer_names,
     load_lora,
+    quiet_peft,
 )
 from textclass.models.llm.pretrained import BaseModel, check_causal_lm, fingerprint, resolve
 from textclass.models.llm.prompt import PromptEncoder
@@ -76,7 +77,7 @@ class LLMModel(TextModel):
         self.tokenizer.save_pretrained(run_dir)
         record = dict(self.record)
         all_params, trainable = _counts(self.network)
-        record.setdefault("parameters", {"all": all_params, "trainable": trainable})
+        record.setdefault("parameters", {"all": all_params, "trainable": 0 if self.mcfg.head == "lm" else trainable})
         if self.mcfg.head != "lm":
             if self.mcfg.finetune == "full":
                 record["config"] = self.body.config.to_dict()
@@ -97,10 +98,14 @@ class LLMModel(TextModel):
     def merge_adapter(self) -> None:
         """Fold LoRA adapters into the weights (`merge_and_unload`): the same function, plain layers, and the
         model becomes a full fine-tune (what `export --merge` writes and what ONNX export traces)."""
-        if self.mcfg.finetune != "lora" or self.body is None:
-            return
-        self.network.body = self.body.merge_and_unload()
+        if self.mcfg.head == "lm":
+            raise UserError("a zero-shot run (head: lm) trains nothing: there is no adapter to merge")
+        if self.mcfg.finetune != "lora":
+            raise UserError(f"model.finetune is {self.mcfg.finetune}: there is no adapter to merge (only lora runs have one)")
+        with quiet_peft():
+            self.network.body = self.body.merge_and_unload()
         self.mcfg.finetune = "full"
+        self.record["finetune"] = "full"
 
     # -- ONNX -------------------------------------------------------------------------------------------
     def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
@@ -112,7 +117,8 @@ class LLMModel(TextModel):
     def onnx_module(self, int8: bool = False) -> nn.Module:
         if self.mcfg.head == "lm":
             raise UserError("zero-shot runs (head: lm) are not exported to ONNX; train a head, then export")
-        self.merge_adapter()  # the graph of plain layers (adapters merged), not PEFT's extra matmuls
+        if self.mcfg.finetune == "lora":
+            self.merge_adapter()  # the graph of plain layers (adapters merged), not PEFT's extra matmuls
         return super().onnx_module(int8)
 
     def onnx_text_encoding(self) -> str:
