@@ -85,7 +85,8 @@ def zero_shot(
     Writes a run directory that `Classifier.load`, `evaluate`, `predict` and `serve` accept; with `data` (a
     labelled file) also the report `evaluate` writes. Returns `run_dir`, `metrics` and `report`.
     """
-    from textclass.zeroshot import run_zero_shot, zero_shot_config
+    from textclass.models.llm.zero_shot import zero_shot_config
+    from textclass.zeroshot import run_zero_shot
 
     cfg = zero_shot_config(config, overrides, model=model, prompt=prompt, output=output)
     return run_zero_shot(cfg, labels, data=data, overwrite=overwrite)
