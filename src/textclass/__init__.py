@@ -10,12 +10,24 @@ from typing import Any
 
 from textclass.version import __version__
 
-__all__ = ["Classifier", "Config", "UserError", "__version__", "evaluate", "load", "load_config", "train"]
+__all__ = [
+    "Classifier",
+    "Config",
+    "UserError",
+    "__version__",
+    "evaluate",
+    "export",
+    "load",
+    "load_config",
+    "merge",
+    "train",
+    "zero_shot",
+]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import textclass` (and `textclass --help`) must not pay for importing torch.
-    if name in ("Classifier", "evaluate", "load", "train"):
+    if name in ("Classifier", "evaluate", "load", "train", "zero_shot", "merge", "export"):
         from textclass import api
 
         return getattr(api, name)

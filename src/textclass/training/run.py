@@ -7,6 +7,7 @@ checked before the run directory is touched, and the files that mark a run as fi
 
 from __future__ import annotations
 
+import gc
 import logging
 import shutil
 from dataclasses import dataclass
@@ -116,16 +117,21 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         model.network = trainer.model  # the kept weights (the Trainer loads the best checkpoint's into its model)
         model.save_weights(run_dir)
         write_parity_sample(run_dir, data.valid, seed=cfg.data.seed)
+        metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
+        history = trainer.state.log_history
+        # The training model, its gradients and optimizer state go before the saved weights are read back:
+        # otherwise both copies are in memory at once (for an LLM fine-tuned in full, gigabytes).
+        del trainer, model
+        gc.collect()
         # Reports come from the weights exactly as saved and loaded back, in fp32 without autocast: what
         # `evaluate`, `predict` and `serve` will compute, not the training-time (possibly bf16) forward.
         saved = load_model_parts(run_dir, cfg, data.labels)
-        metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
         reports = _reports(run_dir, data, saved)
         metrics.update({split: r["metrics"] for split, r in reports.items()})
-        plot_training_curves(trainer.state.log_history, run_dir / TRAINING_CURVES_FILE)
+        plot_training_curves(history, run_dir / TRAINING_CURVES_FILE)
         if not cfg.training.keep_checkpoints:
             shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
-        write_run(run_dir, saved, metrics, trainer.state.log_history, {"sources": data.sources, **data.audit})
+        write_run(run_dir, saved, metrics, history, {"sources": data.sources, **data.audit})
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(run_dir, created)) from None
     return TrainResult(run_dir, metrics, reports)
