@@ -114,7 +114,7 @@ def run_textclass(args: argparse.Namespace, files: dict[str, str]) -> dict:
         },
     }
     t0 = time.perf_counter()
-    result = textclass.train(cfg)
+    result = textclass.train(cfg, json.loads(args.set_json))
     total_s = time.perf_counter() - t0
     clf = textclass.Classifier.load(out, backend="torch", batch_size=32)
     _, trainable = clf.predictor.parameter_counts()
@@ -274,6 +274,8 @@ def main() -> None:
     p.add_argument("--max-steps", type=int, default=-1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--set", action="append", help="Extra textclass overrides, e.g. --set training.precision=fp32.")
+    p.add_argument("--set-json", default="[]", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None)
     p.add_argument("--combine", nargs="+", metavar="JSON", help="Print earlier result files together; runs nothing.")
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -291,7 +293,7 @@ def main() -> None:
             for name, runs in data["results"].items():
                 merged.setdefault(name, []).extend(runs)
         return print_table(merged, settings)
-    settings = {k: getattr(args, k) for k in ("train_limit", "valid_limit", "epochs", "max_steps", "batch_size", "max_length")}
+    settings = {k: getattr(args, k) for k in ("train_limit", "valid_limit", "epochs", "max_steps", "batch_size", "max_length", "set")}
     settings["cpu"] = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
     )

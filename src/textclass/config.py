@@ -117,7 +117,9 @@ class LLMModelConfig(_Section):
         "names); unset: the text alone (a pair as text, newline, second text).",
     )
     label_words: dict[str, str] | None = Field(
-        None, description="`head: lm`: the words the LM scores for each label (default: the label names)."
+        None,
+        description="Words for each label (default: the label names): what {labels} shows in the prompt and, "
+        "with `head: lm`, what the LM scores; e.g. {'0': negative, '1': positive}.",
     )
     max_length: int = Field(256, ge=8, le=131072, description="Maximum tokens per example, prompt included.")
 

@@ -304,3 +304,27 @@ def test_cli_zero_shot_and_merge(tiny_llama: Path, toy_files: dict[str, Path], t
     proc = cli("export", "--model", out, "--merge")  # a zero-shot run has no adapter
     assert proc.returncode == 2 and "no adapter to merge" in proc.stderr, proc.stderr
     assert not (tmp_path / "zs-merged").exists()
+
+
+def test_lora_resume_reproduces_the_run_from_small_checkpoints(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
+    """Checkpoints hold only the trained weights (adapters, head); resuming from one continues exactly."""
+    training = {"epochs": 2, "eval_steps": 4, "logging_steps": 1, "keep_checkpoints": True, "save_total_limit": 10}
+    full = _train(tiny_llama, toy_files, tmp_path / "full", {"finetune": "lora"}, **training)
+    ckpt = full / "checkpoints" / "checkpoint-4"
+    from safetensors.torch import load_file
+
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert saved and all("lora_" in k or k.startswith("head.") for k in saved), sorted(saved)[:5]
+    out = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints", out / "checkpoints")
+    for later in (out / "checkpoints").glob("checkpoint-*"):
+        if int(later.name.split("-")[1]) > 4:
+            shutil.rmtree(later)
+    resumed = textclass.train(tiny_llm_config(tiny_llama, toy_files, out, model={"finetune": "lora"}, **training), resume=True)
+    losses = lambda run: {e["step"]: e["loss"] for e in json.loads((Path(run) / "training_log.json").read_text()) if "loss" in e}  # noqa: E731
+    after = {s: v for s, v in losses(full).items() if s > 4}
+    assert after and {s: losses(resumed.run_dir)[s] for s in after} == after
+    texts = make_texts(10, seed=3)["text"].tolist()
+    np.testing.assert_array_equal(
+        textclass.Classifier.load(full, backend="torch").predict_proba(texts), textclass.Classifier.load(resumed.run_dir, backend="torch").predict_proba(texts)
+    )

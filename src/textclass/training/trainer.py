@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,8 @@ from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
 from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, param_groups, sparse_parameters
+
+log = logging.getLogger("textclass")
 
 LOWER_IS_BETTER = {"loss", "hamming_loss"}
 
@@ -61,6 +64,17 @@ class ClassifierTrainer(Trainer):
         if state_dict is None and hasattr(model, "compact_state_dict"):
             state_dict = model.compact_state_dict()
         super()._save(output_dir, state_dict=state_dict)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A compact checkpoint leaves the frozen weights out on purpose (they are already in the model): only
+        # a missing weight that trains is worth a warning. (The Trainer's own check also assumes a PreTrainedModel.)
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "compact_state_dict"):
+            return super()._issue_warnings_after_load(load_result)
+        expected = set(model.compact_state_dict())
+        missing = [k for k in load_result.missing_keys if k in expected]
+        if missing or load_result.unexpected_keys:
+            log.warning("checkpoint load: missing %s, unexpected %s", missing[:5], load_result.unexpected_keys[:5])
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -16,6 +16,19 @@ import torch
 from torch import nn
 
 
+class _TrainedOnly:
+    """Checkpoints of the weights that train: with LoRA or a frozen LLM a few MB instead of the whole model.
+
+    The Trainer calls `compact_state_dict` when it writes a checkpoint and reads checkpoints back with
+    `load_state_dict(strict=False)`, so the frozen weights (already in the model) are simply not replaced.
+    """
+
+    def compact_state_dict(self) -> dict[str, torch.Tensor]:
+        assert isinstance(self, nn.Module)
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trained}
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over the real tokens of each row, whichever side the padding is on."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -45,7 +58,7 @@ def build_head(kind: str, hidden_size: int, num_labels: int, dropout: float, mlp
     return nn.Sequential(*layers, nn.Linear(width, num_labels))
 
 
-class LLMClassifier(nn.Module):
+class LLMClassifier(_TrainedOnly, nn.Module):
     """A decoder body (plain or with LoRA adapters) -> pooling -> our head (`linear` or `mlp`)."""
 
     def __init__(self, backbone: nn.Module, head: nn.Sequential, pooling: str) -> None:
@@ -68,7 +81,7 @@ class LLMClassifier(nn.Module):
         return [n for n, _ in self.named_parameters() if n.startswith("head.")]
 
 
-class HFHeadLLM(nn.Module):
+class HFHeadLLM(_TrainedOnly, nn.Module):
     """AutoModelForSequenceClassification (plain or with LoRA adapters) returning its logits.
 
     Its pooling is transformers' own: the rightmost token that is not the pad token, so the pad token id
