@@ -227,6 +227,8 @@ def run_child(args: argparse.Namespace, variant: str, seed: int, files: dict[str
         str(args.batch_size),
         "--max-length",
         str(args.max_length),
+        "--set-json",
+        json.dumps(args.set or []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()

@@ -328,3 +328,25 @@ def test_lora_resume_reproduces_the_run_from_small_checkpoints(tiny_llama: Path,
     np.testing.assert_array_equal(
         textclass.Classifier.load(full, backend="torch").predict_proba(texts), textclass.Classifier.load(resumed.run_dir, backend="torch").predict_proba(texts)
     )
+
+
+def test_serve_and_info_take_llm_runs(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    from fastapi.testclient import TestClient
+
+    from textclass.inference.io import model_info
+    from textclass.inference.load import load_predictor
+    from textclass.serve import ServeSettings
+    from textclass.serve.app import create_app
+
+    run = _train(tiny_llama, toy_files, tmp_path / "run", {"finetune": "lora", "prompt": "{text} topic :"}, max_steps=3)
+    predictor = load_predictor(run, backend="torch")
+    texts = ["match goal team", "soup bread"]
+    with TestClient(create_app(predictor, ServeSettings())) as c:
+        r = c.post("/v1/classify", json={"texts": texts})
+        assert r.status_code == 200 and r.json() == {"results": predictor.predict(texts)}
+    info = model_info(run, repeats=1, backend="torch")
+    record = json.loads((run / "llm.json").read_text())["parameters"]
+    assert info["family"] == "llm" and info["model"] == str(tiny_llama)
+    assert info["parameters"] == f"{record['all']:,}" and info["trainable parameters"] == f"{record['trainable']:,}"
+    assert 0 < record["trainable"] < record["all"]

@@ -260,7 +260,8 @@ def _assemble(body: Any, mcfg: LLMModelConfig, labels: LabelSet, fresh: bool) ->
     if score is not None:
         score.requires_grad_(True)  # PEFT and head-only freeze everything else; the head always trains
         return HFHeadLLM(body, score)
-    head = build_head(mcfg.head, body.config.hidden_size, labels.num_labels, mcfg.dropout, mcfg.mlp_hidden)
+    std = float(getattr(body.config, "initializer_range", 0.02))
+    head = build_head(mcfg.head, body.config.hidden_size, labels.num_labels, mcfg.dropout, mcfg.mlp_hidden, std)
     return LLMClassifier(body, head, mcfg.pooling)
 
 
