@@ -146,7 +146,7 @@ def run_peft_plain(args: argparse.Namespace, files: dict[str, str]) -> dict:
     path = resolve(LLMModelConfig(name=LLM)).path  # the GGUF converted once to safetensors (as textclass reads it)
     raw = load_dataset("csv", data_files={"train": files["train"], "validation": files["valid"], "test": files["test"]})
     labels = sorted(set(raw["train"]["label"]))
-    label2id = {l: i for i, l in enumerate(labels)}
+    label2id = {name: i for i, name in enumerate(labels)}
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -160,7 +160,7 @@ def run_peft_plain(args: argparse.Namespace, files: dict[str, str]) -> dict:
 
     def preprocess(batch: dict) -> dict:
         out = tokenizer(batch["text"], truncation=True, max_length=args.max_length)
-        out["labels"] = [label2id[l] for l in batch["label"]]
+        out["labels"] = [label2id[name] for name in batch["label"]]
         return out
 
     raw = raw.map(preprocess, batched=True, remove_columns=["text", "label"])
@@ -185,6 +185,7 @@ def run_peft_plain(args: argparse.Namespace, files: dict[str, str]) -> dict:
         eval_dataset=raw["validation"],
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[MEMORY.callback()] if MEMORY else None,
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -202,10 +203,62 @@ def run_peft_plain(args: argparse.Namespace, files: dict[str, str]) -> dict:
     }
 
 
+class TrainingMemory:
+    """Peak resident memory while the Trainer trains (sampled every 20 ms), apart from loading and reports.
+
+    Both sides get it the same way: a TrainerCallback opens and closes the window. textclass builds its
+    Trainer inside `train()`, so the harness wraps `build_trainer` to add the callback (measurement only).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.active = psutil.Process(), 0, False
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            if self.active:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def callback(self):  # noqa: ANN201
+        from transformers import TrainerCallback
+
+        memory = self
+
+        class Window(TrainerCallback):
+            def on_train_begin(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+                memory.active = True
+
+            def on_train_end(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+                memory.active = False
+
+        return Window()
+
+
+MEMORY: TrainingMemory | None = None
+
+
 def child(args: argparse.Namespace) -> None:
+    global MEMORY
+    MEMORY = TrainingMemory()
+    import textclass.training.run as run_module
+
+    build = run_module.build_trainer
+
+    def build_with_window(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        trainer = build(*a, **k)
+        trainer.add_callback(MEMORY.callback())
+        return trainer
+
+    run_module.build_trainer = build_with_window
     files = json.loads(args.files)
     out = (run_peft_plain if args.variant == "peft-plain" else run_textclass)(args, files)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["train_peak_rss_mb"] = MEMORY.peak / 2**20
     print("RESULT " + json.dumps(out))
 
 
@@ -239,6 +292,12 @@ def run_child(args: argparse.Namespace, variant: str, seed: int, files: dict[str
     return {**json.loads(lines[-1][7:]), "process_wall_s": time.perf_counter() - t0, "seed": seed}
 
 
+def train_mb(runs: list[dict]) -> str:
+    """Mean peak RSS while training; '-' for result files written before it was measured."""
+    values = [r["train_peak_rss_mb"] for r in runs if "train_peak_rss_mb" in r]
+    return f"{sum(values) / len(values):.0f}" if len(values) == len(runs) else "-"
+
+
 def print_table(results: dict[str, list[dict]], settings: dict) -> None:
     import numpy as np
     from scipy import stats
@@ -248,7 +307,10 @@ def print_table(results: dict[str, list[dict]], settings: dict) -> None:
         f"valid {settings['valid_limit']}, test 212; {settings['epochs']:g} epoch(s), batch {settings['batch_size']}"
         + (f", max_steps {settings['max_steps']}" if settings["max_steps"] > 0 else "")
     )
-    head = f"{'variant':<11} {'test acc by seed':<26} {'mean':>7} {'95% interval':>17} {'train s':>8} {'trainable':>11} {'peak MB':>8} {'texts/s':>8}"
+    head = (
+        f"{'variant':<11} {'test acc by seed':<26} {'mean':>7} {'95% interval':>17} {'train s':>8} {'trainable':>11} "
+        f"{'peak MB':>8} {'train MB':>9} {'texts/s':>8}"
+    )
     print(head)
     print("-" * len(head))
     for name, runs in results.items():
@@ -262,7 +324,7 @@ def print_table(results: dict[str, list[dict]], settings: dict) -> None:
         by_seed = " ".join(f"{a:.4f}" for a in acc)
         print(
             f"{name:<11} {by_seed:<26} {acc.mean():>7.4f} {interval:>17} {mean('train_s'):>8.1f} {int(mean('trainable')):>11,} "
-            f"{mean('peak_rss_mb'):>8.0f} {mean('texts_per_s'):>8.1f}"
+            f"{mean('peak_rss_mb'):>8.0f} {train_mb(runs):>9} {mean('texts_per_s'):>8.1f}"
         )
 
 
@@ -295,7 +357,9 @@ def main() -> None:
             for name, runs in data["results"].items():
                 merged.setdefault(name, []).extend(runs)
         return print_table(merged, settings)
-    settings = {k: getattr(args, k) for k in ("train_limit", "valid_limit", "epochs", "max_steps", "batch_size", "max_length", "set")}
+    settings = {
+        k: getattr(args, k) for k in ("train_limit", "valid_limit", "epochs", "max_steps", "batch_size", "max_length", "set")
+    }
     settings["cpu"] = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
     )
