@@ -111,6 +111,12 @@ class LLMModelConfig(_Section):
         "lora", description="`full`: every weight; `lora`: PEFT adapters + the head; `head`: frozen LLM, head only."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The dtype the LLM's weights are loaded in. float32: exact, and what full fine-tuning needs "
+        "(fp32 master weights; `training.precision` does the low precision). bfloat16/float16 halve the memory "
+        "of a frozen base (`finetune: lora` or `head`); the adapters and the head stay float32.",
+    )
     prompt: str | None = Field(
         None,
         description="Template wrapping each text: placeholders {text}, {text_pair}, {labels} (the label "
@@ -147,6 +153,18 @@ class LLMModelConfig(_Section):
         if "text" not in fields:
             raise ValueError("has no {text} placeholder; the template must say where the text goes")
         return v
+
+    @model_validator(mode="after")
+    def _half_base_is_frozen(self) -> LLMModelConfig:
+        if self.dtype != "float32" and self.finetune == "full":
+            raise _combination_error(
+                "dtype",
+                f"{self.dtype} with finetune: full would train the weights in half precision; keep float32 "
+                "(training.precision: bf16 gives the speed), or use finetune: lora",
+            )
+        if self.dtype != "float32" and self.head == "hf":
+            raise _combination_error("dtype", f"{self.dtype} with head: hf would train its `score` layer in half precision; use head: linear")
+        return self
 
     @field_validator("mlp_hidden")
     @classmethod

@@ -278,6 +278,11 @@ def test_merge_writes_a_standalone_full_run(tiny_llama: Path, toy_files: dict[st
     np.testing.assert_allclose(after, before, atol=1e-5)
     with pytest.raises(UserError, match="no adapter"):
         merge(merged, tmp_path / "again")
+    pytest.importorskip("onnxruntime", reason="needs the onnx extra")
+    record = textclass.export(merged, int8=True)  # the merged run exports like any full fine-tune
+    assert record["parity"]["fp32_max_abs_diff"] <= 1e-4 and record["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+    onnx = textclass.Classifier.load(merged, backend="onnx").predict_proba(texts)  # int8 by default
+    assert (onnx.argmax(1) == after.argmax(1)).mean() >= 0.9
 
 
 def test_cli_zero_shot_and_merge(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
@@ -350,3 +355,17 @@ def test_serve_and_info_take_llm_runs(tiny_llama: Path, toy_files: dict[str, Pat
     assert info["family"] == "llm" and info["model"] == str(tiny_llama)
     assert info["parameters"] == f"{record['all']:,}" and info["trainable parameters"] == f"{record['trainable']:,}"
     assert 0 < record["trainable"] < record["all"]
+
+
+def test_a_bfloat16_base_trains_float32_adapters_and_head(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
+    m = _model(tiny_llama, finetune="lora", dtype="bfloat16")
+    dtypes = {n.split(".")[0] + ("/lora" if "lora_" in n else ""): p.dtype for n, p in m.network.named_parameters() if p.requires_grad}  # type: ignore[attr-defined]
+    assert dtypes == {"head": torch.float32, "body/lora": torch.float32}
+    assert {p.dtype for n, p in m.network.named_parameters() if not p.requires_grad} == {torch.bfloat16}  # type: ignore[attr-defined]
+    run = _train(tiny_llama, toy_files, tmp_path / "run", {"finetune": "lora", "dtype": "bfloat16"}, max_steps=3, precision="fp32")
+    texts = make_texts(8, seed=4)["text"].tolist()
+    a = textclass.Classifier.load(run, backend="torch").predict_proba(texts)
+    np.testing.assert_allclose(a, textclass.Classifier.load(run, backend="torch").predict_proba(texts), atol=1e-6)
+    for finetune, head in [("full", "linear"), ("lora", "hf")]:
+        with pytest.raises(UserError, match="model.dtype"):
+            build_config({"data": {"train": "x.csv"}, "model": {"family": "llm", "dtype": "bfloat16", "finetune": finetune, "head": head}})

@@ -236,8 +236,9 @@ def _body_class(mcfg: LLMModelConfig) -> Any:
 
 
 def _load_body(base: BaseModel, mcfg: LLMModelConfig, labels: LabelSet, tokenizer: Any) -> Any:
-    """The pretrained model in fp32 (master weights; autocast does the low precision), pad id in its config."""
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "pad_token_id": tokenizer.pad_token_id}
+    """The pretrained model in `model.dtype` (float32 by default: master weights, autocast does the low
+    precision), the pad id in its config."""
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, mcfg.dtype), "pad_token_id": tokenizer.pad_token_id}
     if mcfg.head == "hf":
         kwargs |= {
             "num_labels": labels.num_labels,

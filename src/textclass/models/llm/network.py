@@ -84,7 +84,8 @@ class LLMClassifier(_TrainedOnly, nn.Module):
         out = self.body(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
         )
-        return self.head(pool(out.last_hidden_state, attention_mask, self.pooling))
+        pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
+        return self.head(pooled.float())  # the head is float32 also on a half-precision base (`model.dtype`)
 
     def head_module(self) -> nn.Module:
         return self.head
