@@ -27,7 +27,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import textclass` (and `textclass --help`) must not pay for importing torch.
-    if name in ("Classifier", "evaluate", "load", "train", "zero_shot", "merge", "export"):
+    if name in ("Classifier", "evaluate", "load", "train", "zero_shot", "merge"):
         from textclass import api
 
         return getattr(api, name)

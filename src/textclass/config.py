@@ -163,7 +163,9 @@ class LLMModelConfig(_Section):
                 "(training.precision: bf16 gives the speed), or use finetune: lora",
             )
         if self.dtype != "float32" and self.head == "hf":
-            raise _combination_error("dtype", f"{self.dtype} with head: hf would train its `score` layer in half precision; use head: linear")
+            raise _combination_error(
+                "dtype", f"{self.dtype} with head: hf would train its `score` layer in half precision; use head: linear"
+            )
         return self
 
     @field_validator("mlp_hidden")

@@ -279,7 +279,9 @@ def test_merge_writes_a_standalone_full_run(tiny_llama: Path, toy_files: dict[st
     with pytest.raises(UserError, match="no adapter"):
         merge(merged, tmp_path / "again")
     pytest.importorskip("onnxruntime", reason="needs the onnx extra")
-    record = textclass.export(merged, int8=True)  # the merged run exports like any full fine-tune
+    from textclass.api import export
+
+    record = export(merged, int8=True)  # the merged run exports like any full fine-tune
     assert record["parity"]["fp32_max_abs_diff"] <= 1e-4 and record["files"] == {"fp32": "model.onnx", "int8": "model.int8.onnx"}
     onnx = textclass.Classifier.load(merged, backend="onnx").predict_proba(texts)  # int8 by default
     assert (onnx.argmax(1) == after.argmax(1)).mean() >= 0.9
