@@ -16,7 +16,6 @@ __all__ = [
     "UserError",
     "__version__",
     "evaluate",
-    "export",
     "load",
     "load_config",
     "merge",
