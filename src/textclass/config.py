@@ -364,6 +364,17 @@ class TrainingConfig(_Section):
     keep_checkpoints: bool = Field(False, description="Keep checkpoints/ after a finished run (for inspection).")
     early_stopping_patience: int | None = Field(None, ge=1)
     class_weights: Literal["none", "balanced"] | list[float] = "none"
+    loss: Literal["ce", "focal", "poly1", "zlpr"] = Field(
+        "ce",
+        description="`ce`: cross-entropy (multi-label: binary); `focal`: down-weights easy examples by (1-p)^gamma; "
+        "`poly1`: cross-entropy + poly_epsilon * (1 - p_true); `zlpr`: multi-label only, ranks positives above "
+        "negatives around logit 0.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Mix this share of the uniform distribution into the targets."
+    )
+    focal_gamma: float = Field(2.0, ge=0.0, description="`loss: focal`: the focusing exponent (0: cross-entropy).")
+    poly_epsilon: float = Field(1.0, description="`loss: poly1`: weight of the (1 - p_true) term (0: cross-entropy).")
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
     tensorboard: bool = False
     logging_steps: int = Field(20, ge=1)

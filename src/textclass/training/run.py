@@ -102,8 +102,16 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     set_seed(cfg.training.seed)
     # Small models fit their vocabulary here: on a pair task the second texts' words count too.
     model = family.create(cfg, data.labels, texts + (pairs or []))
+    t = cfg.training
     loss_fn = make_loss(
-        data.labels.multi_label, data.labels.num_labels, cfg.training.class_weights, data.labels.encode_all(data.train["labels"])
+        data.labels.multi_label,
+        data.labels.num_labels,
+        t.class_weights,
+        data.labels.encode_all(data.train["labels"]),
+        kind=t.loss,
+        label_smoothing=t.label_smoothing,
+        focal_gamma=t.focal_gamma,
+        poly_epsilon=t.poly_epsilon,
     )
 
     created = prepare_run_dir(run_dir, resume, overwrite)
