@@ -375,6 +375,9 @@ class TrainingConfig(_Section):
     )
     focal_gamma: float = Field(2.0, ge=0.0, description="`loss: focal`: the focusing exponent (0: cross-entropy).")
     poly_epsilon: float = Field(1.0, description="`loss: poly1`: weight of the (1 - p_true) term (0: cross-entropy).")
+    rdrop_alpha: float = Field(
+        0.0, ge=0.0, description="R-Drop: two forward passes (two dropout masks) and this weight on their symmetric KL; 0: off."
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
     tensorboard: bool = False
     logging_steps: int = Field(20, ge=1)

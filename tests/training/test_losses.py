@@ -94,3 +94,53 @@ def test_a_focal_smoothed_run_trains(tiny_bert: Path, toy_files: dict[str, Path]
     result = train(cfg)
     losses = [e["loss"] for e in json.loads((Path(result.run_dir) / "training_log.json").read_text()) if "loss" in e]
     assert losses[-1] < losses[0] and result.metrics["test"]["accuracy"] > 0.5
+
+
+def test_symmetric_kl_is_the_mean_of_both_kl_directions() -> None:
+    from textclass.training.losses import symmetric_kl
+
+    (a, _), (b, _) = list(_batches(False, 2))
+    la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    expected = (F.kl_div(lb, la, log_target=True, reduction="batchmean") + F.kl_div(la, lb, log_target=True, reduction="batchmean")) / 2
+    torch.testing.assert_close(symmetric_kl(a, b, False), expected)
+    assert symmetric_kl(a, a, False) == 0 and symmetric_kl(a, a, True) == 0
+    pa, pb = torch.sigmoid(a), torch.sigmoid(b)
+    bern = lambda p, q: p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()  # noqa: E731
+    torch.testing.assert_close(symmetric_kl(a, b, True), ((bern(pa, pb) + bern(pb, pa)) / 2).mean(), rtol=1e-4, atol=1e-6)
+
+
+def _no_dropout_bert(tiny_bert: Path, folder: Path) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(tiny_bert, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_rdrop_without_dropout_equals_plain_training_and_with_dropout_trains(tiny_bert: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
+    """Without dropout the two passes agree (KL 0, equal losses): R-Drop must then log exactly the plain run's
+    losses, which checks that its second pass, averaging and scaling are right."""
+    import json
+
+    from conftest import tiny_config
+
+    from textclass import train
+
+    def losses(run: Path) -> list[float]:
+        return [e["loss"] for e in json.loads((run / "training_log.json").read_text()) if "loss" in e]
+
+    bert = _no_dropout_bert(tiny_bert, tmp_path / "bert")
+    runs = {}
+    for alpha in (0.0, 1.0):
+        cfg = tiny_config(bert, toy_files, tmp_path / f"run-{alpha}", logging_steps=1, max_steps=6, rdrop_alpha=alpha)
+        cfg["model"]["dropout"] = 0.0
+        runs[alpha] = losses(Path(train(cfg).run_dir))
+    assert len(runs[0.0]) == 6
+    torch.testing.assert_close(torch.tensor(runs[1.0]), torch.tensor(runs[0.0]), rtol=1e-5, atol=1e-6)
+
+    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "run-dropout", logging_steps=1, rdrop_alpha=1.0)
+    with_dropout = losses(Path(train(cfg).run_dir))
+    assert with_dropout[-1] < with_dropout[0]

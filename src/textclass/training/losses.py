@@ -133,3 +133,19 @@ def make_loss(
     if multi_label:
         return MultiLabelLoss(kind, w, label_smoothing, focal_gamma, poly_epsilon)
     return SingleLabelLoss(kind, w, label_smoothing, focal_gamma, poly_epsilon)
+
+
+def symmetric_kl(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """R-Drop's regulariser: (KL(p_a||p_b) + KL(p_b||p_a)) / 2 between two passes' predictions, summed over
+    classes (multi-label: per-label Bernoulli KL, averaged over labels) and averaged over the batch."""
+    a, b = a.float(), b.float()
+    if multi_label:
+        la, lb, na, nb = F.logsigmoid(a), F.logsigmoid(b), F.logsigmoid(-a), F.logsigmoid(-b)
+        pa, pb = la.exp(), lb.exp()
+        kl_ab = pa * (la - lb) + (1 - pa) * (na - nb)
+        kl_ba = pb * (lb - la) + (1 - pb) * (nb - na)
+        return ((kl_ab + kl_ba) / 2).mean()
+    la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    kl_ab = (la.exp() * (la - lb)).sum(-1)
+    kl_ba = (lb.exp() * (lb - la)).sum(-1)
+    return ((kl_ab + kl_ba) / 2).mean()

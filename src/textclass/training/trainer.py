@@ -32,6 +32,7 @@ from textclass.fileio import cache_dir
 from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
+from textclass.training.losses import symmetric_kl
 from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, param_groups, sparse_parameters
 
 log = logging.getLogger("textclass")
@@ -42,10 +43,20 @@ LOWER_IS_BETTER = {"loss", "hamming_loss"}
 class ClassifierTrainer(Trainer):
     """Trainer whose loss is textclass's loss factory applied to the model's logits."""
 
-    def __init__(self, *args: Any, loss_fn: nn.Module, head_lr_scale: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        loss_fn: nn.Module,
+        head_lr_scale: float = 1.0,
+        rdrop_alpha: float = 0.0,
+        multi_label: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
         self.head_lr_scale = head_lr_scale
+        self.rdrop_alpha = rdrop_alpha
+        self.multi_label = multi_label
         # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
 
@@ -54,7 +65,15 @@ class ClassifierTrainer(Trainer):
     ) -> Any:
         labels = inputs.pop("labels")
         logits = model(**inputs)
-        loss = self.loss_fn.to(logits.device)(logits.float(), labels)
+        loss_fn = self.loss_fn.to(logits.device)
+        loss = loss_fn(logits.float(), labels)
+        if self.rdrop_alpha and model.training:
+            # R-Drop: a second pass with other dropout masks; both passes' losses and their disagreement. Two
+            # passes rather than one over a doubled batch: some layouts (fastText's flat bags) cannot be stacked.
+            second = model(**inputs)
+            loss = (loss + loss_fn(second.float(), labels)) / 2 + self.rdrop_alpha * symmetric_kl(
+                logits, second, self.multi_label
+            )
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -428,4 +447,6 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         callbacks=callbacks,
         loss_fn=loss_fn,
         head_lr_scale=cfg.training.head_lr_scale,
+        rdrop_alpha=cfg.training.rdrop_alpha,
+        multi_label=model.multi_label,
     )
