@@ -28,6 +28,17 @@ DEFAULT_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT_FIELDS = ("text", "text_pair", "labels")  # the placeholders `model.prompt` may use
 
 
+NoisyTune = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        lt=1.0,
+        description="NoisyTune: before training, add uniform noise of width noisytune x std to each trained "
+        "pretrained weight (0.15 in its paper); 0: off.",
+    ),
+]
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: `epochs: inf` or `learning_rate: nan` is refused here, not deep in training.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -75,6 +86,7 @@ class EncoderModelConfig(_Section):
     pooling: Literal["cls", "mean"] = Field("cls", description="`cls`: the CLS token of the last layer.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(256, ge=8, le=8192, description="Maximum tokens per example (truncated beyond).")
+    noisytune: NoisyTune = 0.0
 
 
 class LoraSettings(_Section):
@@ -128,6 +140,7 @@ class LLMModelConfig(_Section):
         "with `head: lm`, what the LM scores; e.g. {'0': negative, '1': positive}.",
     )
     max_length: int = Field(256, ge=8, le=131072, description="Maximum tokens per example, prompt included.")
+    noisytune: NoisyTune = 0.0
 
     @field_validator("prompt", mode="before")
     @classmethod

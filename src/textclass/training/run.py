@@ -33,6 +33,7 @@ from textclass.rundir import (
     write_run,
 )
 from textclass.training.losses import make_loss
+from textclass.training.noisytune import apply_noisytune
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
 from textclass.training.trainer import build_trainer, tokenize
 
@@ -102,6 +103,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     set_seed(cfg.training.seed)
     # Small models fit their vocabulary here: on a pair task the second texts' words count too.
     model = family.create(cfg, data.labels, texts + (pairs or []))
+    if getattr(cfg.model, "noisytune", 0.0):
+        n = apply_noisytune(model.network, cfg.model.noisytune, cfg.training.seed)  # type: ignore[union-attr]
+        log.info("NoisyTune: perturbed %d pretrained tensors (lambda %.3g)", n, cfg.model.noisytune)  # type: ignore[union-attr]
     t = cfg.training
     loss_fn = make_loss(
         data.labels.multi_label,

@@ -23,6 +23,12 @@ class _TrainedOnly:
     `load_state_dict(strict=False)`, so the frozen weights (already in the model) are simply not replaced.
     """
 
+    def new_parameter_names(self) -> list[str]:
+        """Weights the pretrained checkpoint did not bring: the head and LoRA's adapters."""
+        head = set(self.head_parameter_names())  # type: ignore[attr-defined]
+        assert isinstance(self, nn.Module)
+        return [n for n, _ in self.named_parameters() if n in head or "lora_" in n]
+
     def compact_state_dict(self) -> dict[str, torch.Tensor]:
         assert isinstance(self, nn.Module)
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
