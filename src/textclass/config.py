@@ -353,6 +353,14 @@ class TrainingConfig(_Section):
         description="Learning rate of a pretrained model's new classification head, as a multiple of "
         "`learning_rate` (the encoder keeps `learning_rate`). Ignored by small models, which are all new.",
     )
+    layer_lr_decay: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Layer-wise learning-rate decay for pretrained transformers (encoders, LLMs): the top block "
+        "trains at learning_rate, each block below at this factor times the one above, the embeddings lowest; "
+        "unset: off.",
+    )
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: int = Field(1, ge=1)

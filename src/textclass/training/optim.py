@@ -9,7 +9,8 @@ optimizer step would touch all ~200M values, so the table is built with `sparse=
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -154,18 +155,45 @@ def param_groups(
     decay_names: set[str],
     weight_decay: float,
     lr: float,
-    head: set[str] = frozenset(),  # type: ignore[assignment]
-    head_lr_scale: float = 1.0,
+    scale: Callable[[str], float] | None = None,
 ) -> list[dict[str, Any]]:
-    """The Trainer's decay / no-decay groups, each split into body and head (`head`: the new head's weight
-    names, at `head_lr_scale` times `lr`); empty groups left out. The scheduler scales every group's own lr."""
-    groups = []
-    for in_head, scale in ((False, 1.0), (True, head_lr_scale)):
-        for decayed in (True, False):
-            params = [p for n, p in named if (n in head) == in_head and (n in decay_names) == decayed]
-            if params:
-                groups.append({"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr": lr * scale})
-    return groups
+    """The Trainer's decay / no-decay groups, split further by each weight's learning-rate multiple
+    (`scale(name)`: the head's `head_lr_scale`, a layer's decay factor); empty groups left out. The group at
+    the base rate comes first (the Trainer logs the first group's rate); the scheduler scales every group's own lr.
+    """
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for n, p in named:
+        grouped.setdefault((scale(n) if scale else 1.0, n in decay_names), []).append(p)
+    order = sorted(grouped, key=lambda k: (k[0] != 1.0, -k[0], not k[1]))
+    return [{"params": grouped[k], "weight_decay": weight_decay if k[1] else 0.0, "lr": lr * k[0]} for k in order]
+
+
+_LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+def layer_decay_scale(names: list[str], decay: float, head: set[str], head_lr_scale: float) -> Callable[[str], float]:
+    """Layer-wise learning-rate decay over a pretrained transformer's numbered blocks.
+
+    Block i of L (`layer.i`, `layers.i`, `h.i`, `block.i` in Hugging Face names) trains at decay^(L-1-i),
+    the embeddings at decay^L, other body weights (final norm, pooler) at 1, the head at `head_lr_scale`.
+    """
+    layers = {int(m.group(1)) for n in names if n not in head and (m := _LAYER.search(n))}
+    if not layers:
+        raise UserError(
+            "training.layer_lr_decay: this model has no numbered transformer layers (a model trained from "
+            "scratch?); leave layer_lr_decay unset"
+        )
+    top = max(layers)
+
+    def scale(name: str) -> float:
+        if name in head:
+            return head_lr_scale
+        m = _LAYER.search(name)
+        if m:
+            return decay ** (top - int(m.group(1)))
+        return decay ** (top + 1) if "embed" in name else 1.0
+
+    return scale
 
 
 def adamw_with_sparse_rows(

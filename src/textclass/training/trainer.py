@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -33,7 +33,7 @@ from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
 from textclass.training.losses import symmetric_kl
-from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, param_groups, sparse_parameters
+from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, layer_decay_scale, param_groups, sparse_parameters
 
 log = logging.getLogger("textclass")
 
@@ -50,6 +50,7 @@ class ClassifierTrainer(Trainer):
         head_lr_scale: float = 1.0,
         rdrop_alpha: float = 0.0,
         multi_label: bool = False,
+        layer_lr_decay: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +58,7 @@ class ClassifierTrainer(Trainer):
         self.head_lr_scale = head_lr_scale
         self.rdrop_alpha = rdrop_alpha
         self.multi_label = multi_label
+        self.layer_lr_decay = layer_lr_decay
         # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
 
@@ -126,9 +128,14 @@ class ClassifierTrainer(Trainer):
         """
         opt_model = self.model if model is None else model
         assert opt_model is not None  # build_trainer always passes the model object's network
-        head = head_parameter_names(opt_model) if self.head_lr_scale != 1.0 else set()
+        head = head_parameter_names(opt_model) if self.head_lr_scale != 1.0 or self.layer_lr_decay else set()
+        if self.optimizer is None and self.layer_lr_decay:
+            names = [n for n, _ in opt_model.named_parameters()]
+            self.optimizer = self._adamw_with_scaled_groups(
+                opt_model, layer_decay_scale(names, self.layer_lr_decay, head, self.head_lr_scale)
+            )
         if self.optimizer is None and head:
-            self.optimizer = self._adamw_with_head_groups(opt_model, head)
+            self.optimizer = self._adamw_with_scaled_groups(opt_model, lambda n: self.head_lr_scale if n in head else 1.0)
         if self.optimizer is None:
             self.optimizer = adamw_with_sparse_rows(
                 opt_model,
@@ -140,11 +147,11 @@ class ClassifierTrainer(Trainer):
             )
         return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
 
-    def _adamw_with_head_groups(self, model: nn.Module, head: set[str]) -> torch.optim.Optimizer:
-        """The Trainer's optimizer class and settings over `param_groups` with the head at its own rate."""
+    def _adamw_with_scaled_groups(self, model: nn.Module, scale: Callable[[str], float]) -> torch.optim.Optimizer:
+        """The Trainer's optimizer class and settings over `param_groups`, each weight at `scale(name)` times the rate."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         decay = set(self.get_decay_parameter_names(model))
-        groups = param_groups(named, decay, self.args.weight_decay, self.args.learning_rate, head, self.head_lr_scale)
+        groups = param_groups(named, decay, self.args.weight_decay, self.args.learning_rate, scale)
         # any nn.Module works (transformers annotates PreTrainedModel; it only reads the model for a few optimizers)
         opt_cls, opt_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)  # type: ignore[arg-type]
         return opt_cls(groups, **opt_kwargs)
@@ -449,4 +456,5 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         head_lr_scale=cfg.training.head_lr_scale,
         rdrop_alpha=cfg.training.rdrop_alpha,
         multi_label=model.multi_label,
+        layer_lr_decay=cfg.training.layer_lr_decay,
     )
