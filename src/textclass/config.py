@@ -396,6 +396,13 @@ class TrainingConfig(_Section):
     )
     focal_gamma: float = Field(2.0, ge=0.0, description="`loss: focal`: the focusing exponent (0: cross-entropy).")
     poly_epsilon: float = Field(1.0, description="`loss: poly1`: weight of the (1 - p_true) term (0: cross-entropy).")
+    adversarial: Literal["fgm"] | None = Field(
+        None, description="Adversarial training on the input embeddings: `fgm` (one adversarial pass per step); unset: off."
+    )
+    adversarial_epsilon: float = Field(
+        1.0, ge=0.0, description="Size of the embedding perturbation (its L2 norm over the batch)."
+    )
+    adversarial_start_epoch: float = Field(0.0, ge=0.0, description="Epoch from which the adversarial pass runs.")
     rdrop_alpha: float = Field(
         0.0, ge=0.0, description="R-Drop: two forward passes (two dropout masks) and this weight on their symmetric KL; 0: off."
     )

@@ -51,6 +51,8 @@ class ClassifierTrainer(Trainer):
         rdrop_alpha: float = 0.0,
         multi_label: bool = False,
         layer_lr_decay: float | None = None,
+        adversarial: Any = None,
+        adversarial_start_epoch: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -59,6 +61,9 @@ class ClassifierTrainer(Trainer):
         self.rdrop_alpha = rdrop_alpha
         self.multi_label = multi_label
         self.layer_lr_decay = layer_lr_decay
+        self.adversarial = adversarial
+        self.adversarial_start_epoch = adversarial_start_epoch
+        self._loss_scale = 1.0
         # Our loss is a plain mean over the batch, so the Trainer must scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
 
@@ -68,7 +73,7 @@ class ClassifierTrainer(Trainer):
         labels = inputs.pop("labels")
         logits = model(**inputs)
         loss_fn = self.loss_fn.to(logits.device)
-        loss = loss_fn(logits.float(), labels)
+        loss = loss_fn(logits.float(), labels) * (self._loss_scale if model.training else 1.0)
         if self.rdrop_alpha and model.training:
             # R-Drop: a second pass with other dropout masks; both passes' losses and their disagreement. Two
             # passes rather than one over a doubled batch: some layouts (fastText's flat bags) cannot be stacked.
@@ -77,6 +82,26 @@ class ClassifierTrainer(Trainer):
                 logits, second, self.multi_label
             )
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """The Trainer's step; with adversarial training, the mean of a clean and an adversarial pass (see
+        `training.adversarial`): each half backpropagated by the Trainer's own machinery, one optimizer step."""
+        adv = self.adversarial
+        if adv is None or (self.state.epoch or 0.0) < self.adversarial_start_epoch:
+            return super().training_step(model, inputs, num_items_in_batch)
+        again = dict(inputs)  # compute_loss pops the labels
+        self._loss_scale = 0.5
+        try:
+            with adv.capture():
+                clean = super().training_step(model, inputs, num_items_in_batch)
+            if adv.attack():
+                with adv.perturbed():
+                    super().training_step(model, again, num_items_in_batch)
+            else:  # no gradient reached the embeddings: the clean half alone would halve the step
+                super().training_step(model, again, num_items_in_batch)
+        finally:
+            self._loss_scale = 1.0
+        return clean * 2  # the clean loss, as logged without adversarial training
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Models that store a sparse form of a large table (fastText) write checkpoints in that form;
@@ -457,4 +482,15 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         rdrop_alpha=cfg.training.rdrop_alpha,
         multi_label=model.multi_label,
         layer_lr_decay=cfg.training.layer_lr_decay,
+        adversarial=_adversary(model, cfg),
+        adversarial_start_epoch=cfg.training.adversarial_start_epoch,
     )
+
+
+def _adversary(model: TextModel, cfg: Config) -> Any:
+    """The adversarial method of `training.adversarial` on the model's input embeddings, or None."""
+    if cfg.training.adversarial is None:
+        return None
+    from textclass.training.adversarial import FGM, input_embedding
+
+    return FGM(input_embedding(model.network), cfg.training.adversarial_epsilon)
