@@ -97,6 +97,26 @@ def toy_files(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+def no_dropout_copy(model_folder: Path, folder: Path) -> Path:
+    """A copy of a tiny BERT folder with its dropout (hidden layers and attention) set to 0: for checks that
+    compare losses or passes exactly."""
+    import json
+    import shutil
+
+    shutil.copytree(model_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    """The training losses a run logged, in order."""
+    import json
+
+    return [e["loss"] for e in json.loads((Path(run_dir) / "training_log.json").read_text()) if "loss" in e]
+
+
 def tiny_config(tiny_bert: Path, files: dict[str, Path], out: Path, **training: object) -> dict:
     """A fast config for the tiny BERT on the toy files."""
     return {

@@ -25,7 +25,6 @@ its families are the config's).
 from __future__ import annotations
 
 import json
-import shutil
 import typing
 from collections import Counter
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_texts
+from conftest import make_texts, no_dropout_copy
 from test_cli import run as cli
 
 import textclass
@@ -208,12 +207,7 @@ def _config(case: Case, files: dict[str, Path], n_train: int, out: Path, folders
 @pytest.fixture(scope="module")
 def encoder_folder(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """conftest's tiny BERT with its dropout (0.1 in the hidden layers and attention) set to 0."""
-    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model"
-    shutil.copytree(tiny_bert, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return no_dropout_copy(tiny_bert, tmp_path_factory.mktemp("tiny-bert-no-dropout") / "model")
 
 
 @pytest.fixture(scope="module", params=[_param(c) for c in CASES])

@@ -4,37 +4,23 @@ for encoders, LLMs with frozen embeddings (LoRA) and small models."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_texts, tiny_config, tiny_llm_config
+from conftest import logged_losses, make_texts, no_dropout_copy, tiny_config, tiny_llm_config
 
 from textclass import train
 from textclass.errors import UserError
 
 
-def _losses(run: Path) -> list[float]:
-    return [e["loss"] for e in json.loads((run / "training_log.json").read_text()) if "loss" in e]
-
-
-def _no_dropout_bert(tiny_bert: Path, folder: Path) -> Path:
-    shutil.copytree(tiny_bert, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_fgm_with_epsilon_zero_equals_plain_training(tiny_bert: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
-    bert = _no_dropout_bert(tiny_bert, tmp_path / "bert")
+    bert = no_dropout_copy(tiny_bert, tmp_path / "bert")
     runs = {}
     for name, extra in {"plain": {}, "fgm0": {"adversarial": "fgm", "adversarial_epsilon": 0.0}}.items():
         cfg = tiny_config(bert, toy_files, tmp_path / name, logging_steps=1, max_steps=6, **extra)
         cfg["model"]["dropout"] = 0.0
-        runs[name] = _losses(Path(train(cfg).run_dir))
+        runs[name] = logged_losses(Path(train(cfg).run_dir))
     assert len(runs["plain"]) == 6
     torch.testing.assert_close(torch.tensor(runs["fgm0"]), torch.tensor(runs["plain"]), rtol=1e-5, atol=1e-6)
 
@@ -49,7 +35,7 @@ def test_fgm_step_is_the_mean_of_clean_and_adversarial_gradients(tiny_bert: Path
     from textclass.training.adversarial import FGM, input_embedding
     from textclass.training.trainer import ClassifierTrainer
 
-    bert = _no_dropout_bert(tiny_bert, tmp_path / "bert")
+    bert = no_dropout_copy(tiny_bert, tmp_path / "bert")
     cfg = build_config({"data": {"train": "x.csv"}, "model": {"name": str(bert), "dropout": 0.0}})
     torch.manual_seed(0)
     model = get_family("encoder").create(cfg, LabelSet(["food", "sport", "tech"], False), [])
@@ -94,7 +80,7 @@ def test_fgm_step_is_the_mean_of_clean_and_adversarial_gradients(tiny_bert: Path
 
 def test_fgm_runs_for_lora_llms_and_small_models(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
     run = train(tiny_llm_config(tiny_llama, toy_files, tmp_path / "llm", model={"finetune": "lora"}, max_steps=4, adversarial="fgm"))
-    assert len(_losses(Path(run.run_dir))) >= 1
+    assert len(logged_losses(Path(run.run_dir))) >= 1
     cfg = {
         "data": {k: str(v) for k, v in toy_files.items()},
         "model": {"family": "small", "arch": "fasttext"},

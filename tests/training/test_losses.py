@@ -109,30 +109,15 @@ def test_symmetric_kl_is_the_mean_of_both_kl_directions() -> None:
     torch.testing.assert_close(symmetric_kl(a, b, True), ((bern(pa, pb) + bern(pb, pa)) / 2).mean(), rtol=1e-4, atol=1e-6)
 
 
-def _no_dropout_bert(tiny_bert: Path, folder: Path) -> Path:
-    import json
-    import shutil
-
-    shutil.copytree(tiny_bert, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_rdrop_without_dropout_equals_plain_training_and_with_dropout_trains(tiny_bert: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
     """Without dropout the two passes agree (KL 0, equal losses): R-Drop must then log exactly the plain run's
     losses, which checks that its second pass, averaging and scaling are right."""
-    import json
-
-    from conftest import tiny_config
+    from conftest import logged_losses as losses
+    from conftest import no_dropout_copy, tiny_config
 
     from textclass import train
 
-    def losses(run: Path) -> list[float]:
-        return [e["loss"] for e in json.loads((run / "training_log.json").read_text()) if "loss" in e]
-
-    bert = _no_dropout_bert(tiny_bert, tmp_path / "bert")
+    bert = no_dropout_copy(tiny_bert, tmp_path / "bert")
     runs = {}
     for alpha in (0.0, 1.0):
         cfg = tiny_config(bert, toy_files, tmp_path / f"run-{alpha}", logging_steps=1, max_steps=6, rdrop_alpha=alpha)

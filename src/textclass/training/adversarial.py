@@ -56,11 +56,8 @@ class FGM:
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
         """The clean pass: keep the embedding output to read its gradient after backward."""
-        handle = self.embedding.register_forward_hook(self._hook)
-        try:
+        with self._hooked():
             yield
-        finally:
-            handle.remove()
 
     def attack(self) -> bool:
         """Set the perturbation from the clean gradient; False when there is none (zero gradient)."""
@@ -74,10 +71,18 @@ class FGM:
 
     @contextlib.contextmanager
     def perturbed(self) -> Iterator[None]:
-        """The adversarial pass: the embedding outputs shifted by the perturbation."""
+        """The adversarial pass: the embedding outputs shifted by the perturbation (set by `attack`)."""
+        try:
+            with self._hooked():
+                yield
+        finally:
+            self.delta = None
+
+    @contextlib.contextmanager
+    def _hooked(self) -> Iterator[None]:
+        """`_hook` on the embedding layer for one pass: it captures (no perturbation set) or perturbs."""
         handle = self.embedding.register_forward_hook(self._hook)
         try:
             yield
         finally:
             handle.remove()
-            self.delta = None

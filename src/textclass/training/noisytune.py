@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from textclass.errors import UserError
+from textclass.training.trainer import head_parameter_names
 
 
 def apply_noisytune(network: nn.Module, lam: float, seed: int) -> int:
     """Perturb in place; returns how many tensors were perturbed."""
-    # Weights the checkpoint did not bring: `new_parameter_names` (head and adapters) or the head.
-    new_names = getattr(network, "new_parameter_names", None) or getattr(network, "head_parameter_names", None)
-    new = set(new_names()) if callable(new_names) else set()
+    # Weights the checkpoint did not bring: `new_parameter_names` (head and adapters) or else the head.
+    new_names = getattr(network, "new_parameter_names", None)
+    new = set(new_names()) if callable(new_names) else head_parameter_names(network)
     targets = [(n, p) for n, p in network.named_parameters() if p.requires_grad and n not in new and p.numel() > 1]
     if not new or not targets:
         raise UserError(

@@ -76,7 +76,7 @@ class LLMModel(TextModel):
     def save_weights(self, run_dir: Path) -> None:
         self.tokenizer.save_pretrained(run_dir)
         record = dict(self.record)
-        all_params, trainable = _counts(self.network)
+        all_params, trainable = TextModel.parameter_counts(self)  # of the network as trained (ours reads the record)
         record.setdefault("parameters", {"all": all_params, "trainable": 0 if self.mcfg.head == "lm" else trainable})
         if self.mcfg.head != "lm":
             if self.mcfg.finetune == "full":
@@ -130,11 +130,6 @@ def _head_of(network: nn.Module) -> nn.Module:
     return network.head_module()
 
 
-def _counts(network: nn.Module) -> tuple[int, int]:
-    params = list(network.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
 @register("llm")
 class LLMFamily(Family[LLMModelConfig]):
     """Decoder LLMs through AutoModel / AutoModelForSequenceClassification / AutoModelForCausalLM and PEFT."""
@@ -145,22 +140,13 @@ class LLMFamily(Family[LLMModelConfig]):
             raise UserError(
                 "model.head: lm scores label words without training; run `textclass zero-shot`, or train a linear, mlp or hf head"
             )
-        base = resolve(mcfg)
-        check_causal_lm(base)
-        tokenizer = _tokenizer(base.path, base.name)
-        body = _load_body(base, mcfg, labels, tokenizer)
-        record = _base_record(base, mcfg, fingerprint(body.base_model))
-        network = _assemble(body, mcfg, labels, fresh=True)
-        return LLMModel(self, network, tokenizer, labels, cfg, record)
+        tokenizer, body, record = _pretrained(mcfg, labels)
+        return LLMModel(self, _assemble(body, mcfg, labels, fresh=True), tokenizer, labels, cfg, record)
 
     def zero_shot(self, cfg: Config, labels: LabelSet) -> LLMModel:
         """The zero-shot model of `cfg` (`head: lm`): the LLM scores each label's words after the prompt."""
         mcfg = _section(cfg)
-        base = resolve(mcfg)
-        check_causal_lm(base)
-        tokenizer = _tokenizer(base.path, base.name)
-        body = _load_body(base, mcfg, labels, tokenizer)
-        record = _base_record(base, mcfg, fingerprint(body.base_model))
+        tokenizer, body, record = _pretrained(mcfg, labels)
         return LLMModel(self, _scorer(body, mcfg, labels, tokenizer), tokenizer, labels, cfg, record)
 
     def load(self, run_dir: Path, cfg: Config, labels: LabelSet, network: bool = True) -> LLMModel:
@@ -205,6 +191,15 @@ class LLMFamily(Family[LLMModelConfig]):
 def _section(cfg: Config) -> LLMModelConfig:
     assert isinstance(cfg.model, LLMModelConfig)
     return cfg.model
+
+
+def _pretrained(mcfg: LLMModelConfig, labels: LabelSet) -> tuple[Any, Any, dict[str, Any]]:
+    """For a new model: the checked base model's tokenizer, its loaded body and the record naming it."""
+    base = resolve(mcfg)
+    check_causal_lm(base)
+    tokenizer = _tokenizer(base.path, base.name)
+    body = _load_body(base, mcfg, labels, tokenizer)
+    return tokenizer, body, _base_record(base, mcfg, fingerprint(body.base_model))
 
 
 def _base_record(base: BaseModel, mcfg: LLMModelConfig, digest: str) -> dict[str, Any]:

@@ -40,6 +40,11 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def decoder_forward(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """A Hugging Face decoder's forward as every network here runs it: positions from the mask, no KV cache."""
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """The index of each row's last real token (right or left padding)."""
     steps = torch.arange(mask.size(1), device=mask.device)
@@ -87,9 +92,7 @@ class LLMClassifier(_TrainedOnly, nn.Module):
         self.pooling = pooling
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.body(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        )
+        out = decoder_forward(self.body, input_ids, attention_mask)
         pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
         return self.head(pooled.float())  # the head is float32 also on a half-precision base (`model.dtype`)
 
@@ -115,9 +118,7 @@ class HFHeadLLM(_TrainedOnly, nn.Module):
         object.__setattr__(self, "_score", score)  # a reference, not a second registration of the same weights
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.body(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        ).logits
+        return decoder_forward(self.body, input_ids, attention_mask).logits
 
     def head_module(self) -> nn.Module:
         return self._score
@@ -141,9 +142,7 @@ class LabelWordScorer(nn.Module):
         self.pad_id = pad_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = self.body(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
-        ).logits
+        logits = decoder_forward(self.body, input_ids, attention_mask).logits
         rows = torch.arange(input_ids.size(0), device=input_ids.device)
         next_token = torch.log_softmax(logits[rows, last_token_index(attention_mask)].float(), dim=-1)
         scores = []
@@ -164,7 +163,7 @@ class LabelWordScorer(nn.Module):
         for i, r in enumerate(rows):
             seq[i, width - len(r) :] = r
             mask[i, width - len(r) :] = 1
-        logits = self.body(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits
+        logits = decoder_forward(self.body, seq, mask).logits
         logp = torch.log_softmax(logits[:, width - k - 1 : width - 1].float(), dim=-1)  # predicts the k label tokens
         target = torch.tensor(ids, device=seq.device).expand(len(rows), k)
         return logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
