@@ -396,13 +396,33 @@ class TrainingConfig(_Section):
     )
     focal_gamma: float = Field(2.0, ge=0.0, description="`loss: focal`: the focusing exponent (0: cross-entropy).")
     poly_epsilon: float = Field(1.0, description="`loss: poly1`: weight of the (1 - p_true) term (0: cross-entropy).")
-    adversarial: Literal["fgm"] | None = Field(
-        None, description="Adversarial training on the input embeddings: `fgm` (one adversarial pass per step); unset: off."
+    adversarial: Literal["fgm", "pgd", "freelb", "awp"] | None = Field(
+        None,
+        description="Adversarial training: `fgm` (one adversarial pass), `pgd` (steps-1 probing ascent steps, then "
+        "one adversarial pass), `freelb` (steps passes, gradients averaged) on the input embeddings; `awp` on the "
+        "weights; unset: off.",
     )
-    adversarial_epsilon: float = Field(
-        1.0, ge=0.0, description="Size of the embedding perturbation (its L2 norm over the batch)."
+    adversarial_epsilon: float | None = Field(
+        None,
+        ge=0.0,
+        description="Size of the perturbation: its L2 norm over the batch's embeddings (fgm/pgd/freelb; unset: 1.0), "
+        "or for awp each weight's largest relative change |dW|/|W| (unset: 0.01). 0 equals plain training.",
     )
-    adversarial_start_epoch: float = Field(0.0, ge=0.0, description="Epoch from which the adversarial pass runs.")
+    adversarial_alpha: float | None = Field(
+        None,
+        gt=0.0,
+        description="Ascent step size: pgd/freelb in embedding L2 norm (unset: 0.3); awp relative to each weight "
+        "matrix's norm (unset: 1.0, then clamped by epsilon). Not used by fgm.",
+    )
+    adversarial_steps: int | None = Field(
+        None, ge=1, description="Ascent steps: pgd/freelb (unset: 3), awp (unset: 1); fgm takes exactly one."
+    )
+    adversarial_start_epoch: float | None = Field(
+        None,
+        ge=0.0,
+        description="Epoch from which the adversarial passes run; unset: 1 for awp when training runs more than "
+        "one epoch (its paper starts it after the first), else 0.",
+    )
     rdrop_alpha: float = Field(
         0.0, ge=0.0, description="R-Drop: two forward passes (two dropout masks) and this weight on their symmetric KL; 0: off."
     )
@@ -418,6 +438,31 @@ class TrainingConfig(_Section):
             raise ValueError(
                 "early_stopping_patience with final_model=last would keep weights that early stopping found "
                 "worse than the best; use final_model=best or drop early_stopping_patience"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adversarial_settings(self) -> TrainingConfig:
+        """Fill in the chosen method's defaults (so the saved config shows them) and refuse what it cannot do."""
+        method = self.adversarial
+        if method is None:
+            return self
+        if method == "fgm" and self.adversarial_steps not in (None, 1):
+            raise _combination_error("adversarial_steps", "fgm takes exactly one step; use adversarial: pgd for several")
+        awp = method == "awp"
+        if self.adversarial_epsilon is None:
+            self.adversarial_epsilon = 0.01 if awp else 1.0
+        if self.adversarial_alpha is None:
+            self.adversarial_alpha = 1.0 if awp else 0.3
+        if self.adversarial_steps is None:
+            self.adversarial_steps = 3 if method in ("pgd", "freelb") else 1
+        if self.adversarial_start_epoch is None:
+            self.adversarial_start_epoch = 1.0 if awp and self.epochs > 1 and self.max_steps <= 0 else 0.0
+        elif self.max_steps <= 0 and self.adversarial_start_epoch >= self.epochs:
+            raise _combination_error(
+                "adversarial_start_epoch",
+                f"{self.adversarial_start_epoch:g} is not before the end of training (epochs={self.epochs:g}), so "
+                "no adversarial step would run; lower it",
             )
         return self
 

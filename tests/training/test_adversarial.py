@@ -1,38 +1,49 @@
-"""FGM adversarial training: epsilon 0 equals plain training; the perturbation never touches the weights;
-the clean gradient is kept (a step's gradient is the mean of the clean and the adversarial one); it runs
-for encoders, LLMs with frozen embeddings (LoRA) and small models."""
+"""Adversarial training (FGM, PGD, FreeLB, AWP): epsilon 0 equals plain training (also with gradient
+accumulation); a step never changes the weights (AWP's perturbation is restored exactly); the clean gradient
+is kept: a step's gradient equals the method's mean of clean and adversarial gradients computed by hand;
+every method runs for encoders, LLMs with frozen embeddings (LoRA) and small models."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import logged_losses, make_texts, no_dropout_copy, tiny_config, tiny_llm_config
+from torch import nn
 
 from textclass import train
 from textclass.errors import UserError
 
+METHODS = ["fgm", "pgd", "freelb", "awp"]
 
-def test_fgm_with_epsilon_zero_equals_plain_training(tiny_bert: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
+
+def test_epsilon_zero_equals_plain_training(tiny_bert: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
     bert = no_dropout_copy(tiny_bert, tmp_path / "bert")
     runs = {}
-    for name, extra in {"plain": {}, "fgm0": {"adversarial": "fgm", "adversarial_epsilon": 0.0}}.items():
-        cfg = tiny_config(bert, toy_files, tmp_path / name, logging_steps=1, max_steps=6, **extra)
+    for name in ["plain", *METHODS]:
+        extra = (
+            {}
+            if name == "plain"
+            else {"adversarial": name, "adversarial_epsilon": 0.0, "adversarial_steps": None if name == "fgm" else 2}
+        )
+        cfg = tiny_config(bert, toy_files, tmp_path / name, logging_steps=1, max_steps=4, grad_accum=2, **extra)
         cfg["model"]["dropout"] = 0.0
         runs[name] = logged_losses(Path(train(cfg).run_dir))
-    assert len(runs["plain"]) == 6
-    torch.testing.assert_close(torch.tensor(runs["fgm0"]), torch.tensor(runs["plain"]), rtol=1e-5, atol=1e-6)
+    assert len(runs["plain"]) == 4
+    for name in METHODS:
+        torch.testing.assert_close(torch.tensor(runs[name]), torch.tensor(runs["plain"]), rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fgm_step_is_the_mean_of_clean_and_adversarial_gradients(tiny_bert: Path, tmp_path: Path) -> None:
-    from torch import nn
+def _setup(tiny_bert: Path, tmp_path: Path, method: str, **settings: Any) -> tuple[Any, nn.Module, dict, Any]:
+    """A dropout-free tiny BERT, one batch, and a ClassifierTrainer with the method, outside the training loop."""
     from transformers import TrainingArguments
 
     from textclass.config import build_config
     from textclass.data.labels import LabelSet
     from textclass.models.registry import get_family
-    from textclass.training.adversarial import FGM, input_embedding
+    from textclass.training.adversarial import make_adversary
     from textclass.training.trainer import ClassifierTrainer
 
     bert = no_dropout_copy(tiny_bert, tmp_path / "bert")
@@ -41,56 +52,172 @@ def test_fgm_step_is_the_mean_of_clean_and_adversarial_gradients(tiny_bert: Path
     model = get_family("encoder").create(cfg, LabelSet(["food", "sport", "tech"], False), [])
     net = model.network.train()
     df = make_texts(8, seed=3)
-    batch = model.collate([f | {"labels": model.labels.encode([y])} for f, y in zip(model.features(df["text"].tolist()), df["label"], strict=True)])
-    weights_before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    feats = model.features(df["text"].tolist())
+    batch = model.collate([f | {"labels": model.labels.encode([y])} for f, y in zip(feats, df["label"], strict=True)])
     args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none")
-    fgm = FGM(input_embedding(net), epsilon=0.5)
-    trainer = ClassifierTrainer(model=net, args=args, loss_fn=nn.CrossEntropyLoss(), adversarial=fgm)
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test bypasses
-    trainer.training_step(net, dict(batch))
-    got = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    assert all(torch.equal(p.detach(), weights_before[n]) for n, p in net.named_parameters())  # weights untouched
+    adversary = make_adversary(method, net, **settings)
+    trainer = ClassifierTrainer(model=net, args=args, loss_fn=nn.CrossEntropyLoss(), adversarial=adversary)
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which these tests bypass
+    return trainer, net, batch, adversary
 
-    # By hand: the clean gradient, then the gradient at the embedding output shifted by eps * g / |g|.
+
+def _grads(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def _loss_and_grads(
+    net: nn.Module, batch: dict, delta: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """By hand: the loss's parameter gradients and its gradient at the embedding output (shifted by delta)."""
+    from textclass.training.adversarial import input_embedding
+
     net.zero_grad()
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     captured = {}
 
-    def keep(module: nn.Module, args: object, out: torch.Tensor) -> None:
+    def hook(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        out = out + delta if delta is not None else out
         out.retain_grad()
         captured["out"] = out
+        return out
 
-    handle = input_embedding(net).register_forward_hook(keep)
-    nn.functional.cross_entropy(net(**inputs), labels).backward()
+    handle = input_embedding(net).register_forward_hook(hook)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    nn.functional.cross_entropy(net(**inputs), batch["labels"]).backward()
     handle.remove()
-    clean = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    g = captured["out"].grad
-    delta = 0.5 * g / g.norm()
+    grads = _grads(net)
     net.zero_grad()
-    handle = input_embedding(net).register_forward_hook(lambda m, a, out: out + delta)
-    nn.functional.cross_entropy(net(**inputs), labels).backward()
-    handle.remove()
-    adv = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    assert set(got) == set(clean)
+    return grads, captured["out"].grad
+
+
+def _step(trainer: Any, net: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """One training_step; checks it left every weight as it found it, returns the gradients it produced."""
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    trainer.training_step(net, dict(batch))
+    assert all(torch.equal(p.detach(), before[n]) for n, p in net.named_parameters()), "weights changed"
+    got = _grads(net)
+    net.zero_grad()
+    return got
+
+
+def _assert_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], clean: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
     for n in got:
-        torch.testing.assert_close(got[n], (clean[n] + adv[n]) / 2, rtol=1e-4, atol=1e-6)
-    assert any(not torch.allclose(clean[n], adv[n]) for n in clean)  # the attack changed something
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(not torch.allclose(clean[n], want[n]) for n in clean)  # the attack changed something
 
 
-def test_fgm_runs_for_lora_llms_and_small_models(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
-    run = train(tiny_llm_config(tiny_llama, toy_files, tmp_path / "llm", model={"finetune": "lora"}, max_steps=4, adversarial="fgm"))
-    assert len(logged_losses(Path(run.run_dir))) >= 1
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    return g / g.norm()
+
+
+def _ball(d: torch.Tensor, eps: float) -> torch.Tensor:
+    return d * (eps / d.norm()) if d.norm() > eps else d
+
+
+def test_fgm_step_is_the_mean_of_clean_and_adversarial_gradients(tiny_bert: Path, tmp_path: Path) -> None:
+    trainer, net, batch, _ = _setup(tiny_bert, tmp_path, "fgm", epsilon=0.5, alpha=0.3, steps=1)
+    got = _step(trainer, net, batch)
+    clean, g = _loss_and_grads(net, batch)
+    adv, _ = _loss_and_grads(net, batch, 0.5 * _unit(g))
+    _assert_grads(got, {n: (clean[n] + adv[n]) / 2 for n in clean}, clean)
+
+
+def test_pgd_step_is_the_mean_of_clean_and_last_adversarial_gradients(tiny_bert: Path, tmp_path: Path) -> None:
+    eps, alpha = 0.5, 0.3  # the second ascent step leaves the ball: the projection is exercised
+    trainer, net, batch, _ = _setup(tiny_bert, tmp_path, "pgd", epsilon=eps, alpha=alpha, steps=3)
+    got = _step(trainer, net, batch)
+    clean, g = _loss_and_grads(net, batch)
+    delta = _ball(alpha * _unit(g), eps)
+    _, g = _loss_and_grads(net, batch, delta)
+    delta = _ball(delta + alpha * _unit(g), eps)
+    _, g = _loss_and_grads(net, batch, delta)
+    delta = _ball(delta + alpha * _unit(g), eps)
+    assert delta.norm() == pytest.approx(eps, rel=1e-5)
+    adv, _ = _loss_and_grads(net, batch, delta)
+    _assert_grads(got, {n: (clean[n] + adv[n]) / 2 for n in clean}, clean)
+
+
+def test_freelb_step_is_the_mean_of_its_passes_starting_clean(tiny_bert: Path, tmp_path: Path) -> None:
+    eps, alpha = 0.4, 0.3
+    trainer, net, batch, _ = _setup(tiny_bert, tmp_path, "freelb", epsilon=eps, alpha=alpha, steps=3)
+    got = _step(trainer, net, batch)
+    clean, g = _loss_and_grads(net, batch)
+    delta = _ball(alpha * _unit(g), eps)
+    second, g = _loss_and_grads(net, batch, delta)
+    third, _ = _loss_and_grads(net, batch, _ball(delta + alpha * _unit(g), eps))
+    _assert_grads(got, {n: (clean[n] + second[n] + third[n]) / 3 for n in clean}, clean)
+
+
+def test_awp_step_adds_the_gradient_at_perturbed_weights_and_restores_them_exactly(tiny_bert: Path, tmp_path: Path) -> None:
+    eps, alpha = 0.02, 0.5
+    trainer, net, batch, _ = _setup(tiny_bert, tmp_path, "awp", epsilon=eps, alpha=alpha, steps=1)
+    got = _step(trainer, net, batch)  # also checks every weight is bit-for-bit what it was
+    clean, _ = _loss_and_grads(net, batch)
+    saved = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if p.dim() >= 2 and n in clean:
+                moved = p + alpha * p.norm() * _unit(clean[n])
+                p.copy_(torch.clamp(moved, p - eps * p.abs(), p + eps * p.abs()))
+    adv, _ = _loss_and_grads(net, batch)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            p.copy_(saved[n])
+    _assert_grads(got, {n: (clean[n] + adv[n]) / 2 for n in clean}, clean)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_lora_llms_and_small_models(
+    method: str, tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path
+) -> None:
+    steps = {} if method == "fgm" else {"adversarial_steps": 2}
+    run = train(
+        tiny_llm_config(
+            tiny_llama, toy_files, tmp_path / "llm", model={"finetune": "lora"}, max_steps=3, adversarial=method, **steps
+        )
+    )
+    assert all(torch.isfinite(torch.tensor(logged_losses(Path(run.run_dir)))))
     cfg = {
         "data": {k: str(v) for k, v in toy_files.items()},
-        "model": {"family": "small", "arch": "fasttext"},
-        "training": {"output_dir": str(tmp_path / "ft"), "epochs": 2, "adversarial": "fgm", "adversarial_epsilon": 0.1},
+        "model": {"family": "small", "arch": "textcnn" if method == "awp" else "fasttext"},
+        "training": {
+            "output_dir": str(tmp_path / "small"),
+            "epochs": 3,
+            "adversarial": method,
+            "adversarial_start_epoch": 0,
+            **steps,
+        },
     }
+    if method != "awp":
+        cfg["training"]["adversarial_epsilon"] = 0.1
     assert train(cfg).metrics["valid"]["accuracy"] > 0.5
 
 
-def test_unknown_adversarial_method_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("training", "key"),
+    [
+        ({"adversarial": "freelb2"}, "training.adversarial"),
+        ({"adversarial": "fgm", "adversarial_steps": 3}, "training.adversarial_steps"),
+        ({"adversarial": "pgd", "adversarial_alpha": 0}, "training.adversarial_alpha"),
+        ({"adversarial": "awp", "epochs": 2, "adversarial_start_epoch": 2}, "training.adversarial_start_epoch"),
+        ({"adversarial": "pgd", "adversarial_epsilon": -1}, "training.adversarial_epsilon"),
+    ],
+)
+def test_bad_adversarial_settings_are_refused(training: dict, key: str) -> None:
     from textclass.config import build_config
 
-    with pytest.raises(UserError, match="training.adversarial"):
-        build_config({"data": {"train": "x.csv"}, "training": {"adversarial": "freelb2"}})
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        build_config({"data": {"train": "x.csv"}, "training": training})
+
+
+def test_method_defaults_are_filled_in() -> None:
+    from textclass.config import build_config
+
+    def resolved(**t: Any) -> tuple:
+        tc = build_config({"data": {"train": "x.csv"}, "training": t}).training
+        return tc.adversarial_epsilon, tc.adversarial_alpha, tc.adversarial_steps, tc.adversarial_start_epoch
+
+    assert resolved(adversarial="pgd") == (1.0, 0.3, 3, 0.0)
+    assert resolved(adversarial="awp", epochs=3) == (0.01, 1.0, 1, 1.0)  # from the second epoch, as the paper
+    assert resolved(adversarial="awp", epochs=1) == (0.01, 1.0, 1, 0.0)

@@ -84,24 +84,24 @@ class ClassifierTrainer(Trainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
-        """The Trainer's step; with adversarial training, the mean of a clean and an adversarial pass (see
-        `training.adversarial`): each half backpropagated by the Trainer's own machinery, one optimizer step."""
+        """The Trainer's step; with adversarial training, the method's passes (see `training.adversarial`), each
+        backpropagated by the Trainer's own machinery, and one optimizer step after them as usual."""
         adv = self.adversarial
         if adv is None or (self.state.epoch or 0.0) < self.adversarial_start_epoch:
             return super().training_step(model, inputs, num_items_in_batch)
-        again = dict(inputs)  # compute_loss pops the labels
-        self._loss_scale = 0.5
-        try:
-            with adv.capture():
-                clean = super().training_step(model, inputs, num_items_in_batch)
-            if adv.attack():
-                with adv.perturbed():
-                    super().training_step(model, again, num_items_in_batch)
-            else:  # no gradient reached the embeddings: the clean half alone would halve the step
-                super().training_step(model, again, num_items_in_batch)
-        finally:
-            self._loss_scale = 1.0
-        return clean * 2  # the clean loss, as logged without adversarial training
+
+        def step(scale: float) -> torch.Tensor:
+            self._loss_scale = scale
+            try:  # a copy of the batch each time: compute_loss pops the labels
+                return super(ClassifierTrainer, self).training_step(model, dict(inputs), num_items_in_batch) / scale
+            finally:
+                self._loss_scale = 1.0
+
+        def loss() -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                return self.compute_loss(model, self._prepare_inputs(dict(inputs)))
+
+        return adv.train_step(step, loss)  # the clean loss, as logged without adversarial training
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Models that store a sparse form of a large table (fastText) write checkpoints in that form;
@@ -483,14 +483,16 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         multi_label=model.multi_label,
         layer_lr_decay=cfg.training.layer_lr_decay,
         adversarial=_adversary(model, cfg),
-        adversarial_start_epoch=cfg.training.adversarial_start_epoch,
+        adversarial_start_epoch=cfg.training.adversarial_start_epoch or 0.0,
     )
 
 
 def _adversary(model: TextModel, cfg: Config) -> Any:
-    """The adversarial method of `training.adversarial` on the model's input embeddings, or None."""
-    if cfg.training.adversarial is None:
+    """The adversarial method of `training.adversarial` on the model's network, or None."""
+    t = cfg.training
+    if t.adversarial is None:
         return None
-    from textclass.training.adversarial import FGM, input_embedding
+    from textclass.training.adversarial import make_adversary
 
-    return FGM(input_embedding(model.network), cfg.training.adversarial_epsilon)
+    assert t.adversarial_alpha is not None and t.adversarial_steps is not None  # resolved by the config
+    return make_adversary(t.adversarial, model.network, t.adversarial_epsilon, t.adversarial_alpha, t.adversarial_steps)
