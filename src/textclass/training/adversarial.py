@@ -100,8 +100,7 @@ class EmbeddingAttack:
         outputs, self.outputs = self.outputs, []
         if not outputs or not value.requires_grad:
             return None
-        grads = torch.autograd.grad(value, outputs, allow_unused=True)
-        grads = [g for g in grads if g is not None]
+        grads = [g for g in torch.autograd.grad(value, outputs, allow_unused=True) if g is not None]
         return torch.stack(grads).sum(0) if grads else None
 
     def train_step(self, step: Step, loss: Loss) -> torch.Tensor:

@@ -494,5 +494,6 @@ def _adversary(model: TextModel, cfg: Config) -> Any:
         return None
     from textclass.training.adversarial import make_adversary
 
-    assert t.adversarial_alpha is not None and t.adversarial_steps is not None  # resolved by the config
-    return make_adversary(t.adversarial, model.network, t.adversarial_epsilon, t.adversarial_alpha, t.adversarial_steps)
+    eps, alpha, steps = t.adversarial_epsilon, t.adversarial_alpha, t.adversarial_steps
+    assert eps is not None and alpha is not None and steps is not None  # filled in by the config's validator
+    return make_adversary(t.adversarial, model.network, eps, alpha, steps)
