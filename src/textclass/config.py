@@ -331,6 +331,21 @@ ModelConfig = Annotated[EncoderModelConfig | LLMModelConfig | SmallArchConfig, F
 FAMILIES: dict[str, type[BaseModel]] = {"encoder": EncoderModelConfig, "llm": LLMModelConfig, "small": SmallModelConfig}
 
 
+class SWAConfig(_Section):
+    """Stochastic weight averaging: the run's model is the mean of weights collected late in training."""
+
+    start: float = Field(
+        0.75,
+        gt=0.0,
+        description="Where collecting starts: below 1 a fraction of training (0.75: the last quarter), from 1 up "
+        "an epoch count (2: after two epochs).",
+    )
+    lr: float | None = Field(
+        None, gt=0.0, description="Constant learning rate from `start` on (SWA's own schedule); unset: keep the schedule."
+    )
+    every_steps: int | None = Field(None, ge=1, description="Collect every N optimizer steps; unset: at each epoch's end.")
+
+
 class TrainingConfig(_Section):
     """How to train; maps onto Hugging Face `TrainingArguments`."""
 
@@ -426,6 +441,16 @@ class TrainingConfig(_Section):
     rdrop_alpha: float = Field(
         0.0, ge=0.0, description="R-Drop: two forward passes (two dropout masks) and this weight on their symmetric KL; 0: off."
     )
+    ema_decay: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Keep an exponential moving average of the weights (e.g. 0.999): it is what is validated, "
+        "kept, saved and served; 0 equals plain training; unset: off.",
+    )
+    swa: SWAConfig | None = Field(
+        None, description="Stochastic weight averaging (`{start, lr, every_steps}`): the average is the run's model."
+    )
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
     tensorboard: bool = False
     logging_steps: int = Field(20, ge=1)
@@ -438,6 +463,31 @@ class TrainingConfig(_Section):
             raise ValueError(
                 "early_stopping_patience with final_model=last would keep weights that early stopping found "
                 "worse than the best; use final_model=best or drop early_stopping_patience"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _averaging_settings(self) -> TrainingConfig:
+        """SWA's average is the run's model: it cannot also keep a best checkpoint, nor share the run with EMA."""
+        if self.swa is None:
+            return self
+        if self.ema_decay is not None:
+            raise _combination_error("swa", "and training.ema_decay both average the weights; set one of them")
+        if self.early_stopping_patience:
+            raise _combination_error(
+                "swa", "keeps the average of late weights, early stopping a best checkpoint; drop early_stopping_patience"
+            )
+        if self.final_model == "best":
+            raise _combination_error(
+                "final_model", "best picks a checkpoint, but with training.swa the average is the model; use last"
+            )
+        if self.final_model is None:  # (assignment re-runs the validators: set it only once)
+            self.final_model = "last"
+        if self.swa.start >= 1 and self.max_steps <= 0 and self.swa.start >= self.epochs:
+            raise _combination_error(
+                "swa.start",
+                f"{self.swa.start:g} epochs is not before the end of training (epochs={self.epochs:g}), so nothing "
+                "would be averaged; lower it (or give a fraction such as 0.75)",
             )
         return self
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction
 
 from textclass.config import Config
 from textclass.data.frames import text_columns
@@ -32,12 +32,18 @@ from textclass.fileio import cache_dir
 from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
+from textclass.training.averaging import EMA, SWA, AveragingCallback, WeightAverage, swa_start_step
 from textclass.training.losses import symmetric_kl
 from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, layer_decay_scale, param_groups, sparse_parameters
 
 log = logging.getLogger("textclass")
 
 LOWER_IS_BETTER = {"loss", "hamming_loss"}
+
+
+def _from_step(schedule: Callable[[int], float], start: int, value: float) -> Callable[[int], float]:
+    """A LambdaLR factor that follows `schedule` before `start` and is `value` from it on (SWA's constant rate)."""
+    return lambda step: schedule(step) if step < start else value
 
 
 class ClassifierTrainer(Trainer):
@@ -53,9 +59,14 @@ class ClassifierTrainer(Trainer):
         layer_lr_decay: float | None = None,
         adversarial: Any = None,
         adversarial_start_epoch: float = 0.0,
+        averaging: AveragingCallback | None = None,
+        swa_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.averaging, self.swa_lr = averaging, swa_lr
+        if averaging is not None:
+            self.add_callback(averaging)
         self.loss_fn = loss_fn
         self.head_lr_scale = head_lr_scale
         self.rdrop_alpha = rdrop_alpha
@@ -102,6 +113,56 @@ class ClassifierTrainer(Trainer):
                 return self.compute_loss(model, self._prepare_inputs(dict(inputs)))
 
         return adv.train_step(step, loss)  # the clean loss, as logged without adversarial training
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, ignore_keys_for_eval: Any = None) -> Any:
+        """The Trainer's loop; with weight averaging, the average resumes from the checkpoint and the network
+        ends holding the average of the kept checkpoint (best or last), which is what the run saves."""
+        average = self.averaging.average if self.averaging is not None else None
+        if average is not None and isinstance(resume_from_checkpoint, str):
+            average.load(Path(resume_from_checkpoint))
+        result = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        if average is not None:
+            best = self.state.best_model_checkpoint
+            if self.args.load_best_model_at_end and best:  # the Trainer loaded that checkpoint's raw weights
+                average.load(Path(best))
+            if average.shadow:
+                average.copy_to_network()
+            else:
+                log.warning("weight averaging: training ended before the first snapshot; keeping the plain weights")
+        return result
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Validation judges the averaged weights when there is an average: the weights the run will keep."""
+        if self.averaging is None:
+            return super().evaluate(*args, **kwargs)
+        with self.averaging.average.swapped_in():
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # The average goes in first: the Trainer writes trainer_state.json last, which marks the folder complete.
+        if self.averaging is not None and self.averaging.average.shadow:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.averaging.average.save(folder)
+        super()._save_checkpoint(model, trial)
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The configured schedule; with SWA, its start step is fixed here and from it a constant `swa.lr`."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.averaging is None or not isinstance(self.averaging.average, SWA):
+            return scheduler
+        start = self.averaging.start_step = swa_start_step(self.averaging.start, num_training_steps, self._steps_per_epoch())
+        if self.swa_lr is not None and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            ratio = self.swa_lr / self.args.learning_rate
+            inner = list(scheduler.lr_lambdas)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                scheduler.optimizer, [_from_step(f, start, ratio) for f in inner]
+            )
+        return self.lr_scheduler
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch, as the Trainer counts them."""
+        batches = math.ceil(len(self.train_dataset) / self.args.train_batch_size)  # type: ignore[arg-type]
+        return max(1, batches // self.args.gradient_accumulation_steps)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Models that store a sparse form of a large table (fastText) write checkpoints in that form;
@@ -484,7 +545,22 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         layer_lr_decay=cfg.training.layer_lr_decay,
         adversarial=_adversary(model, cfg),
         adversarial_start_epoch=cfg.training.adversarial_start_epoch or 0.0,
+        averaging=_averaging(model, cfg),
+        swa_lr=cfg.training.swa.lr if cfg.training.swa else None,
     )
+
+
+def _averaging(model: TextModel, cfg: Config) -> AveragingCallback | None:
+    """The callback of `training.ema_decay` or `training.swa`, or None."""
+    t = cfg.training
+    average: WeightAverage
+    if t.ema_decay is not None:
+        average = EMA(model.network, t.ema_decay)
+    elif t.swa is not None:
+        average = SWA(model.network)
+    else:
+        return None
+    return AveragingCallback(average, every_steps=t.swa.every_steps if t.swa else None, start=t.swa.start if t.swa else 0.0)
 
 
 def _adversary(model: TextModel, cfg: Config) -> Any:
