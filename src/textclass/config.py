@@ -28,6 +28,15 @@ DEFAULT_LLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT_FIELDS = ("text", "text_pair", "labels")  # the placeholders `model.prompt` may use
 
 
+MultisampleDropout = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=64,
+        description="Multi-sample dropout: while training, the head runs on this many dropout masks of the same "
+        "features and the loss is their mean (Inoue 2019); 1: off. Inference is unchanged.",
+    ),
+]
 NoisyTune = Annotated[
     float,
     Field(
@@ -87,6 +96,12 @@ class EncoderModelConfig(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_length: int = Field(256, ge=8, le=8192, description="Maximum tokens per example (truncated beyond).")
     noisytune: NoisyTune = 0.0
+    multisample_dropout: MultisampleDropout = 1
+
+    @model_validator(mode="after")
+    def _multisample_needs_our_head(self) -> EncoderModelConfig:
+        _check_multisample(self.multisample_dropout, self.dropout, self.head in ("linear",), self.head)
+        return self
 
 
 class LoraSettings(_Section):
@@ -141,6 +156,12 @@ class LLMModelConfig(_Section):
     )
     max_length: int = Field(256, ge=8, le=131072, description="Maximum tokens per example, prompt included.")
     noisytune: NoisyTune = 0.0
+    multisample_dropout: MultisampleDropout = 1
+
+    @model_validator(mode="after")
+    def _multisample_needs_our_head(self) -> LLMModelConfig:
+        _check_multisample(self.multisample_dropout, self.dropout, self.head in ("linear", "mlp"), self.head)
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -236,6 +257,14 @@ def _combination_error(key: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("key_combination", "{message}", {"key": key, "message": message})
 
 
+def _check_multisample(samples: int, dropout: float, our_head: bool, head: str) -> None:
+    """Multi-sample dropout needs a dropout to sample and a head of ours to run several times."""
+    if samples > 1 and not our_head:
+        raise _combination_error("multisample_dropout", f"needs textclass's own head, not head: {head}; use head: linear")
+    if samples > 1 and dropout == 0:
+        raise _combination_error("multisample_dropout", "with model.dropout 0 every sample is the same; raise the dropout")
+
+
 class FastTextConfig(SmallModelConfig):
     """fastText: mean of word (+ hashed word n-gram / char n-gram) embeddings -> linear. No dropout."""
 
@@ -256,6 +285,12 @@ class _NeuralSmallConfig(SmallModelConfig):
     """The archs with dropout layers (all but fastText)."""
 
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    multisample_dropout: MultisampleDropout = 1
+
+    @model_validator(mode="after")
+    def _multisample_needs_dropout(self) -> _NeuralSmallConfig:
+        _check_multisample(self.multisample_dropout, self.dropout, True, "")
+        return self
 
 
 class TextCNNConfig(_NeuralSmallConfig):

@@ -24,6 +24,7 @@ from torch import nn
 from textclass.config import DEFAULT_ENCODER, Config, EncoderModelConfig
 from textclass.data.labels import LabelSet
 from textclass.models.base import OnnxSpec, TextModel
+from textclass.models.heads import multisample
 from textclass.models.pretrained import load_pretrained, package_file
 from textclass.models.registry import Family, register
 from textclass.rundir import ENCODER_CONFIG_FILE, WEIGHTS_FILE
@@ -65,18 +66,21 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, meth
 class EncoderClassifier(nn.Module):
     """Encoder + pooling + dropout + linear layer; returns logits."""
 
-    def __init__(self, encoder: PreTrainedModel, num_labels: int, pooling: str, dropout: float, cls_id: int | None) -> None:
+    def __init__(
+        self, encoder: PreTrainedModel, num_labels: int, pooling: str, dropout: float, cls_id: int | None, samples: int = 1
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         self.cls_id = cls_id
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.samples = samples  # multi-sample dropout (models/heads.py)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         vec = pool(out.last_hidden_state, attention_mask, input_ids, self.pooling, self.cls_id)
-        return self.classifier(self.dropout(vec))
+        return multisample(lambda x: self.classifier(self.dropout(x)), vec, self.samples, self.training)
 
     def head_parameter_names(self) -> list[str]:
         """The linear layer on top: the only weights not loaded from the checkpoint."""
@@ -168,7 +172,9 @@ class EncoderFamily(Family[EncoderModelConfig]):
         else:
             kwargs = {"add_pooling_layer": False} if _has_pooler_arg(mcfg) else {}
             encoder = _load_pretrained(AutoModel, mcfg.name, "model", **kwargs)
-            network = EncoderClassifier(encoder, labels.num_labels, mcfg.pooling, mcfg.dropout, tokenizer.cls_token_id)
+            network = EncoderClassifier(
+                encoder, labels.num_labels, mcfg.pooling, mcfg.dropout, tokenizer.cls_token_id, mcfg.multisample_dropout
+            )
         return EncoderModel(self, network, tokenizer, labels, cfg)
 
     def load(self, run_dir: Path, cfg: Config, labels: LabelSet, network: bool = True) -> EncoderModel:

@@ -82,17 +82,26 @@ class ClassifierTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         labels = inputs.pop("labels")
-        logits = model(**inputs)
-        loss_fn = self.loss_fn.to(logits.device)
-        loss = loss_fn(logits.float(), labels) * (self._loss_scale if model.training else 1.0)
+        logits, loss = self._forward_loss(model, inputs, labels)
         if self.rdrop_alpha and model.training:
             # R-Drop: a second pass with other dropout masks; both passes' losses and their disagreement. Two
             # passes rather than one over a doubled batch: some layouts (fastText's flat bags) cannot be stacked.
-            second = model(**inputs)
-            loss = (loss + loss_fn(second.float(), labels)) / 2 + self.rdrop_alpha * symmetric_kl(
-                logits, second, self.multi_label
-            )
+            second, second_loss = self._forward_loss(model, inputs, labels)
+            loss = (loss + second_loss) / 2 + self.rdrop_alpha * symmetric_kl(logits, second, self.multi_label)
+        loss = loss * (self._loss_scale if model.training else 1.0)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _forward_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and their loss. Multi-sample dropout returns (batch, samples, labels) while training
+        (models/heads.py): the loss is the mean of the samples' losses, the logits their mean."""
+        logits = model(**inputs)
+        loss_fn = self.loss_fn.to(logits.device)
+        if logits.dim() == 3:
+            loss = torch.stack([loss_fn(logits[:, k].float(), labels) for k in range(logits.size(1))]).mean()
+            return logits.mean(1), loss
+        return logits, loss_fn(logits.float(), labels)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """The Trainer's step; with adversarial training, the method's passes (see `training.adversarial`), each

@@ -258,7 +258,7 @@ def _assemble(body: Any, mcfg: LLMModelConfig, labels: LabelSet, fresh: bool) ->
         return HFHeadLLM(body, score)
     std = float(getattr(body.config, "initializer_range", 0.02))
     head = build_head(mcfg.head, body.config.hidden_size, labels.num_labels, mcfg.dropout, mcfg.mlp_hidden, std)
-    return LLMClassifier(body, head, mcfg.pooling)
+    return LLMClassifier(body, head, mcfg.pooling, mcfg.multisample_dropout)
 
 
 def _hf_score(model: Any) -> nn.Module:

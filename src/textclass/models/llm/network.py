@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from textclass.models.heads import multisample
+
 
 class _TrainedOnly:
     """Checkpoints of the weights that train: with LoRA or a frozen LLM a few MB instead of the whole model.
@@ -85,16 +87,18 @@ def build_head(
 class LLMClassifier(_TrainedOnly, nn.Module):
     """A decoder body (plain or with LoRA adapters) -> pooling -> our head (`linear` or `mlp`)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Sequential, pooling: str) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Sequential, pooling: str, samples: int = 1) -> None:
         super().__init__()
         self.body = backbone
         self.head = head
         self.pooling = pooling
+        self.samples = samples  # multi-sample dropout (models/heads.py)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = decoder_forward(self.body, input_ids, attention_mask)
         pooled = pool(out.last_hidden_state, attention_mask, self.pooling)
-        return self.head(pooled.float())  # the head is float32 also on a half-precision base (`model.dtype`)
+        # the head is float32 also on a half-precision base (`model.dtype`)
+        return multisample(self.head, pooled.float(), self.samples, self.training)
 
     def head_module(self) -> nn.Module:
         return self.head

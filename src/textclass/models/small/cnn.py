@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from textclass.models.small.common import MaskedPool, TokenEmbedding
+from textclass.models.small.common import DropoutHead, MaskedPool, TokenEmbedding
 
 
-class TextCNN(nn.Module):
+class TextCNN(DropoutHead, nn.Module):
     """Kim's CNN; `filter_sizes` widths with `num_filters` maps each."""
 
     def __init__(
@@ -38,4 +38,4 @@ class TextCNN(nn.Module):
         # Window t covers tokens t .. t+k-1; padding on the right keeps one output per input position.
         maps = [F.relu(conv(F.pad(x, (0, conv.kernel_size[0] - 1)))) for conv in cast("Iterable[nn.Conv1d]", self.convs)]
         features = torch.cat(maps, dim=1).transpose(1, 2)  # (batch, time, filters)
-        return self.fc(self.dropout(self.pool(features, attention_mask)))
+        return self.head(self.pool(features, attention_mask))

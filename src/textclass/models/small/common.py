@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from textclass.models.heads import multisample
 from textclass.text.vocab import PAD_ID
 
 PoolMethod = Literal["max", "mean", "attention"]
@@ -78,3 +79,16 @@ class TokenEmbedding(nn.Embedding):
 def sequence_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-row lengths on the CPU (what `pack_padded_sequence` wants), at least 1."""
     return attention_mask.sum(dim=1).clamp(min=1).to("cpu", torch.long)
+
+
+class DropoutHead:
+    """The small archs' head, dropout then `fc`, with multi-sample dropout (models/heads.py): `samples`
+    is set by the family from `model.multisample_dropout`."""
+
+    samples = 1
+    training: bool
+    dropout: nn.Module
+    fc: nn.Module
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return multisample(lambda x: self.fc(self.dropout(x)), features, self.samples, self.training)

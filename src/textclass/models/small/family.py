@@ -39,7 +39,7 @@ from textclass.errors import UserError
 from textclass.models.base import OnnxSpec, TextModel
 from textclass.models.registry import Family, register
 from textclass.models.small.cnn import TextCNN
-from textclass.models.small.common import pad_batch
+from textclass.models.small.common import DropoutHead, pad_batch
 from textclass.models.small.fasttext import FastText, batch_hashed_features, collate_bags, uses_buckets
 from textclass.models.small.rnn import TextRCNN, TextRNN
 from textclass.models.small.transformer import TransformerClassifier
@@ -102,7 +102,10 @@ DEFAULT_BATCH_SIZES = {"fasttext": 256, "textcnn": 16, "textrnn": 16, "textrcnn"
 
 def make_model(cfg: SmallModelConfig, vocab_size: int, num_labels: int) -> nn.Module:
     """The network for `cfg.arch`, freshly initialised (the config's own validators checked its key combinations)."""
-    return _BUILDERS[cfg.arch](cfg, vocab_size, num_labels)
+    network = _BUILDERS[cfg.arch](cfg, vocab_size, num_labels)
+    if isinstance(network, DropoutHead):
+        network.samples = getattr(cfg, "multisample_dropout", 1)
+    return network
 
 
 def init_from_vectors(model: nn.Module, tokenizer: TextTokenizer, cfg: SmallModelConfig) -> int:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from textclass.models.small.common import MaskedPool, PoolMethod, TokenEmbedding, sequence_lengths
+from textclass.models.small.common import DropoutHead, MaskedPool, PoolMethod, TokenEmbedding, sequence_lengths
 
 
 class BiRNN(nn.Module):
@@ -42,7 +42,7 @@ class BiRNN(nn.Module):
         return out
 
 
-class TextRNN(nn.Module):
+class TextRNN(DropoutHead, nn.Module):
     """BiLSTM/BiGRU classifier with masked pooling."""
 
     def __init__(
@@ -65,10 +65,10 @@ class TextRNN(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.rnn(self.dropout(self.embedding(input_ids, attention_mask)), attention_mask)
-        return self.fc(self.dropout(self.pool(states, attention_mask)))
+        return self.head(self.pool(states, attention_mask))
 
 
-class TextRCNN(nn.Module):
+class TextRCNN(DropoutHead, nn.Module):
     """Lai et al.'s recurrent convolutional network."""
 
     def __init__(
@@ -99,4 +99,4 @@ class TextRCNN(nn.Module):
         left = F.pad(fwd, (0, 0, 1, 0))[:, :-1]
         right = F.pad(bwd, (0, 0, 0, 1))[:, 1:]
         y = torch.tanh(self.proj(torch.cat([left, emb, right], dim=-1)))
-        return self.fc(self.dropout(self.pool(y, attention_mask)))
+        return self.head(self.pool(y, attention_mask))

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from textclass.models.small.common import MaskedPool, TokenEmbedding
+from textclass.models.small.common import DropoutHead, MaskedPool, TokenEmbedding
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     return table
 
 
-class TransformerClassifier(nn.Module):
+class TransformerClassifier(DropoutHead, nn.Module):
     """Transformer encoder + masked mean pooling."""
 
     def __init__(
@@ -66,4 +66,4 @@ class TransformerClassifier(nn.Module):
         x = self.proj(self.embedding(input_ids, attention_mask))
         x = self.dropout(x + self.position[: x.size(1)])
         x = self.encoder(x, src_key_padding_mask=~attention_mask.bool())
-        return self.fc(self.dropout(self.pool(x, attention_mask)))
+        return self.head(self.pool(x, attention_mask))
