@@ -101,6 +101,11 @@ CASES: list[Case] = [
     ("config not found", lambda w: ["train", "--config", w["root"] / "nope.yaml"], ("nope.yaml", "not found")),
     ("config not YAML", lambda w: ["train", "--config", w["root"] / "bad.yaml"], ("bad.yaml line", "YAML")),
     ("metric of another task", lambda w: _train(w, "--set", "training.best_metric=hamming_loss"), ("training.best_metric", "single-label")),
+    ("unknown adversarial method", lambda w: _train(w, "--set", "training.adversarial=fgsm"), ("training.adversarial", "'fgm'")),
+    ("swa starts after training", lambda w: _train(w, "--set", "training.epochs=2", "--set", "training.swa={start: 3}"), ("training.swa.start", "lower it")),
+    ("ema decay 1", lambda w: _train(w, "--set", "training.ema_decay=1"), ("training.ema_decay",)),
+    ("zlpr single-label", lambda w: _train(w, "--set", "training.loss=zlpr"), ("zlpr", "multi-label")),
+    ("multisample without dropout", lambda w: _train(w, "--set", "model.dropout=0", "--set", "model.multisample_dropout=4"), ("model.multisample_dropout", "dropout")),
     # -- train: model and output -------------------------------------------------------------------------
     ("model folder is not a model", lambda w: _train({**w, "model": w["root"] / "sub"}), ("model.name", "sub")),
     ("model weights 0 bytes", lambda w: _train({**w, "model": w["model_damaged"]}), ("model.name", "model-damaged")),
