@@ -54,6 +54,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "fgm+rdrop": ({"adversarial": "fgm", "rdrop_alpha": 1.0}, {}),
     "fgm+rdrop+ema": ({"adversarial": "fgm", "rdrop_alpha": 1.0, "ema_decay": 0.99}, {}),
     "kfold5": ({"kfold": 5}, {}),
+    "epochs4x": ({}, {}),  # one model at the 5-fold ensemble's total epochs (5 models x 4/5 of the data)
 }
 # What a suite cannot run: the small models are trained from scratch (no NoisyTune, no layer-wise decay);
 # fastText has no dropout (no R-Drop effect, no multi-sample dropout).
@@ -95,6 +96,8 @@ def config(args: argparse.Namespace, variant: str, seed: int, files: dict[str, s
     else:
         model = {"family": "small", "arch": args.suite}
         base = {} if args.epochs is None else {"epochs": args.epochs}
+    if variant == "epochs4x":
+        base["epochs"] = 4 * (args.epochs or 3.0)  # 3.0: the config's default epochs
     if args.timing:
         # No validation inside the measured steps (eval_steps beyond them), one log line.
         base = {**base, "max_steps": args.timing_steps, "logging_steps": args.timing_steps, "eval_steps": 10**6}

@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import logged_losses, make_texts, no_dropout_copy, tiny_config, tiny_llm_config
 from torch import nn
 
-from textclass import train
+from textclass import Classifier, train
 from textclass.errors import UserError
 
 METHODS = ["fgm", "pgd", "freelb", "awp"]
@@ -167,31 +168,36 @@ def test_awp_step_adds_the_gradient_at_perturbed_weights_and_restores_them_exact
     _assert_grads(got, {n: (clean[n] + adv[n]) / 2 for n in clean}, clean)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_trains_lora_llms_and_small_models(
-    method: str, tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path
-) -> None:
-    steps = {} if method == "fgm" else {"adversarial_steps": 2}
-    run = train(
-        tiny_llm_config(
-            tiny_llama, toy_files, tmp_path / "llm", model={"finetune": "lora"}, max_steps=3, adversarial=method, **steps
+def test_every_method_trains_lora_llms_and_small_models(tiny_llama: Path, toy_files: dict[str, Path], tmp_path: Path) -> None:
+    """Each method runs and really perturbs (the model differs from plain training's): a hook that never
+    fires, as on fastText's sparse path before, would be plain training under another name."""
+    texts = ["goal team chip", "bread soup coach", "the new code"]
+
+    def llm(name: str, **extra: object) -> np.ndarray:
+        # Adam's first updates are nearly sign(gradient), so runs part slowly: compare what the models predict.
+        run = train(tiny_llm_config(tiny_llama, toy_files, tmp_path / name, model={"finetune": "lora"}, max_steps=6, **extra))
+        assert np.isfinite(logged_losses(Path(run.run_dir))).all()
+        return Classifier.load(run.run_dir).predict_proba(texts)
+
+    def small(name: str, arch: str, **extra: object) -> list[float]:
+        cfg = {
+            "data": {k: str(v) for k, v in toy_files.items()},
+            "model": {"family": "small", "arch": arch} | ({"dropout": 0.0} if arch == "textcnn" else {}),
+            "training": {"output_dir": str(tmp_path / name), "epochs": 3, "batch_size": 16, "logging_steps": 1, **extra},
+        }
+        result = train(cfg)
+        assert result.metrics["valid"]["accuracy"] > 0.5
+        return logged_losses(Path(result.run_dir))
+
+    plain_llm = llm("llm-plain")
+    plain_small = {arch: small(f"{arch}-plain", arch) for arch in ("fasttext", "textcnn")}
+    for method in METHODS:
+        steps = {} if method == "fgm" else {"adversarial_steps": 2}
+        assert not np.array_equal(llm(f"llm-{method}", adversarial=method, **steps), plain_llm), method
+        arch = "textcnn" if method == "awp" else "fasttext"  # AWP moves dense matrices: fastText's table is sparse
+        assert small(f"{arch}-{method}", arch, adversarial=method, adversarial_start_epoch=0, **steps) != plain_small[arch], (
+            method
         )
-    )
-    assert all(torch.isfinite(torch.tensor(logged_losses(Path(run.run_dir)))))
-    cfg = {
-        "data": {k: str(v) for k, v in toy_files.items()},
-        "model": {"family": "small", "arch": "textcnn" if method == "awp" else "fasttext"},
-        "training": {
-            "output_dir": str(tmp_path / "small"),
-            "epochs": 3,
-            "adversarial": method,
-            "adversarial_start_epoch": 0,
-            **steps,
-        },
-    }
-    if method != "awp":
-        cfg["training"]["adversarial_epsilon"] = 0.1
-    assert train(cfg).metrics["valid"]["accuracy"] > 0.5
 
 
 @pytest.mark.parametrize(

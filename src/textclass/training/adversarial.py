@@ -33,8 +33,12 @@ Loss = Callable[[], torch.Tensor]
 
 
 def input_embedding(network: nn.Module) -> nn.Module:
-    """The module whose output is the token embeddings: a Hugging Face model's `get_input_embeddings()`, else
-    the network's first embedding layer (small models)."""
+    """The module whose output is the token embeddings: the network's own `embedding_output_module()` when it
+    computes them without calling its embedding layer (fastText's sparse path), a Hugging Face model's
+    `get_input_embeddings()`, else the network's first embedding layer (the other small models)."""
+    own = getattr(network, "embedding_output_module", None)
+    if callable(own):
+        return own()
     for m in network.modules():
         getter = getattr(m, "get_input_embeddings", None)
         if callable(getter) and isinstance(emb := getter(), nn.Module):
@@ -89,6 +93,11 @@ class EmbeddingAttack:
 
     def backward_grad(self) -> torch.Tensor | None:
         """The gradient at the embedding outputs after the Trainer's backward (summed over the passes)."""
+        if not self.outputs:  # the hook never ran: the attack would silently be plain training
+            raise RuntimeError(
+                f"adversarial training: {type(self.embedding).__name__}'s forward hook never ran; the "
+                "network computes its embeddings without calling that module (a textclass bug: report it)"
+            )
         grads = [o.grad for o in self.outputs if o.grad is not None]
         self.outputs = []
         return torch.stack(grads).sum(0) if grads and len({g.shape for g in grads}) == 1 else None

@@ -188,6 +188,7 @@ class FastText(nn.Module):
         weight = torch.zeros(vocab_size + buckets, dim)
         weight[:vocab_size].uniform_(-1.0 / dim, 1.0 / dim)
         self.embedding = nn.EmbeddingBag(vocab_size + buckets, dim, mode="mean", sparse=sparse, _weight=weight)
+        self.bag_mean = BagMean()  # parameterless: the state dict is unchanged
         self.fc = nn.Linear(dim, num_labels)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
@@ -235,8 +236,25 @@ class FastText(nn.Module):
             else:
                 if self.touched_rows.numel():
                     self.touched_rows[input_ids] = True
-                return self.fc(_SparseBagMean.apply(table.weight, input_ids, offsets))
-        return self.fc(table(input_ids, offsets))
+                return self.fc(self.bag_mean(table, input_ids, offsets, sparse_grad=True))
+        return self.fc(self.bag_mean(table, input_ids, offsets))
+
+    def embedding_output_module(self) -> nn.Module:
+        """The module whose output is the texts' embeddings, for adversarial training's hook."""
+        return self.bag_mean
+
+
+class BagMean(nn.Module):
+    """Each text's mean feature row, as a module of its own: the sparse training path computes it with
+    `_SparseBagMean`, not by calling the table, and a forward hook here sees the text embeddings on
+    either path (adversarial training perturbs them)."""
+
+    def forward(
+        self, table: nn.EmbeddingBag, input_ids: torch.Tensor, offsets: torch.Tensor, sparse_grad: bool = False
+    ) -> torch.Tensor:
+        if sparse_grad:
+            return _SparseBagMean.apply(table.weight, input_ids, offsets)
+        return table(input_ids, offsets)
 
 
 class CompactFastText(nn.Module):
