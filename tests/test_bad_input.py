@@ -101,6 +101,8 @@ CASES: list[Case] = [
     ("config not found", lambda w: ["train", "--config", w["root"] / "nope.yaml"], ("nope.yaml", "not found")),
     ("config not YAML", lambda w: ["train", "--config", w["root"] / "bad.yaml"], ("bad.yaml line", "YAML")),
     ("metric of another task", lambda w: _train(w, "--set", "training.best_metric=hamming_loss"), ("training.best_metric", "single-label")),
+    ("one fold", lambda w: _train(w, "--set", "training.kfold=1"), ("training.kfold", "at least 2")),
+    ("more folds than the rarest class", lambda w: _train(w, "--set", "training.kfold=25"), ("training.kfold", "label 'food' has 20", "lower training.kfold")),
     # -- train: model and output -------------------------------------------------------------------------
     ("model folder is not a model", lambda w: _train({**w, "model": w["root"] / "sub"}), ("model.name", "sub")),
     ("model weights 0 bytes", lambda w: _train({**w, "model": w["model_damaged"]}), ("model.name", "model-damaged")),
