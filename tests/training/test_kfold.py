@@ -232,7 +232,7 @@ def test_resume_keeps_the_finished_fold_and_ends_as_an_uninterrupted_run(
 
     import textclass.training.run as run_mod
 
-    full, cfg, _, _ = encoder_run
+    full, cfg, files, _ = encoder_run
     out = Path(full.run_dir).parent / "resumed"
     cfg = {**cfg, "training": {**cfg["training"], "output_dir": str(out)}}
     built = []
@@ -261,6 +261,13 @@ def test_resume_keeps_the_finished_fold_and_ends_as_an_uninterrupted_run(
     changed = {**cfg, "training": {**cfg["training"], "kfold": 4}}
     with pytest.raises(UserError, match=r"training.kfold \(3 -> 4\) cannot change on --resume"):
         train(changed, resume=True)
+    original_train = files["train"].read_bytes()
+    try:  # the same texts in another order make other folds: the kept fold 1 would no longer fit
+        pd.read_csv(files["train"]).iloc[::-1].to_csv(files["train"], index=False)
+        with pytest.raises(UserError, match="the training data changed since the interrupted run"):
+            train(cfg, resume=True)
+    finally:
+        files["train"].write_bytes(original_train)
 
     caplog.clear()
     with caplog.at_level("INFO", logger="textclass"):

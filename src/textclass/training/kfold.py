@@ -86,6 +86,9 @@ def run_kfold(
         raise UserError(
             f"{run_dir}: --resume but no finished fold and no complete checkpoint there; train again without --resume"
         )
+    for f in range(k):
+        if finished[f]:
+            _check_held_out(dirs[f], pool["text"].to_numpy()[folds == f], run_dir)
     todo = [i for i in range(k) if not finished[i]]
     # The first model is built before the run directory is touched: one the family cannot build fails with nothing written.
     built = (
@@ -182,6 +185,17 @@ def _write_oof(
     """Fold i's held-out predictions in its folder (at the fold's own threshold), so a resumed run reads them back."""
     frame = oof_frame(valid, rows, np.full(len(rows), i + 1), probs, labels, threshold)
     atomic_write(folder / OOF_PREDICTIONS_FILE, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _check_held_out(folder: Path, texts: np.ndarray, run_dir: Path) -> None:
+    """A finished fold kept on --resume must have held out the texts its fold holds out now: else the data or
+    its order changed, and the folds would no longer partition train+valid."""
+    path = folder / OOF_PREDICTIONS_FILE
+    if path.is_file() and pd.read_csv(path, usecols=["text"], dtype=str, keep_default_na=False)["text"].tolist() != list(texts):
+        raise UserError(
+            f"{run_dir}: the training data changed since the interrupted run ({folder.name} held out other texts); "
+            "resume with the same data, or train again with --overwrite"
+        )
 
 
 def _fold_probabilities(folder: Path, valid: pd.DataFrame, rows: np.ndarray, i: int, labels: LabelSet) -> np.ndarray:
