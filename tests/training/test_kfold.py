@@ -176,6 +176,10 @@ def test_onnx_export_is_one_graph_with_parity(encoder_run, tmp_path: Path) -> No
     onnx = Classifier.load(run_dir, backend="onnx")
     assert onnx.backend == "onnx"
     assert np.abs(onnx.predict_proba(texts) - torch_probs).max() <= 1e-4
+    # --optimize (the generic graph optimisation: onnxruntime's transformer fusion takes one transformer) and int8.
+    record = api.export(run_dir, output=tmp_path / "optimized", optimize=True, int8=True)
+    assert record["parity"]["fp32_max_abs_diff"] <= 1e-4 and record["optimized"] and record["default"] == "int8"
+    assert record["parity"]["int8_agreement"] >= 0.8
 
 
 # ---- folds ---------------------------------------------------------------------------------------------
@@ -344,9 +348,8 @@ def test_multi_label_fasttext_ensemble_is_the_mean_of_its_sigmoids(tmp_path: Pat
     labels = ["|".join(sorted({l, *(["extra"] if rng.random() < 0.4 else [])})) for l in base["label"]]
     df = base.assign(label=labels)
     df.iloc[:70].to_csv(tmp_path / "train.csv", index=False)
-    df.iloc[70:].to_csv(tmp_path / "test.csv", index=False)
     cfg = {
-        "data": {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv"), "label_delimiter": "|"},
+        "data": {"train": str(tmp_path / "train.csv"), "label_delimiter": "|"},  # no test split
         "model": {"family": "small", "arch": "fasttext", "embedding_dim": 8, "buckets": 1000},
         "training": {"output_dir": str(tmp_path / "run"), "epochs": 3, "batch_size": 16, "kfold": 2, "best_metric": "micro_f1"},
         "evaluation": {"tune_threshold": True},
@@ -361,6 +364,7 @@ def test_multi_label_fasttext_ensemble_is_the_mean_of_its_sigmoids(tmp_path: Pat
     oof = pd.read_csv(run_dir / "oof_predictions.csv")
     assert len(oof) == 70 and set(oof["fold"]) == {1, 2} and "extra" in "".join(oof["gold"])
     assert ensemble.threshold == result.metrics["oof"]["threshold"]  # tuned on the out-of-fold predictions
+    assert "test" not in result.metrics and not (run_dir / "eval" / "test").exists()
 
 
 def test_llm_lora_trains_two_folds(tiny_llama: Path, tmp_path: Path) -> None:
@@ -372,7 +376,11 @@ def test_llm_lora_trains_two_folds(tiny_llama: Path, tmp_path: Path) -> None:
     texts = PROBE + _texts(files["test"])
     mean = np.mean([load_model(run_dir / "folds" / f"fold-{i}").predict_proba(texts) for i in (1, 2)], axis=0)
     np.testing.assert_allclose(Classifier.load(run_dir).predict_proba(texts), mean, atol=1e-5)
-    with pytest.raises(UserError, match="one adapter per fold"):
-        from textclass import api
+    from textclass import api
 
+    with pytest.raises(UserError, match="one adapter per fold"):
         api.merge(run_dir)
+    pytest.importorskip("onnxruntime")
+    record = api.export(run_dir)  # one graph, every fold's adapters merged into it
+    assert record["parity"]["fp32_max_abs_diff"] <= 1e-4
+    np.testing.assert_allclose(Classifier.load(run_dir, backend="onnx").predict_proba(texts), mean, atol=1e-4)

@@ -117,7 +117,9 @@ class EnsembleModel(TextModel):
             yield
 
     def onnx_fusion(self) -> dict[str, Any] | None:
-        return self.first.onnx_fusion()
+        """None: the generic graph optimisation. onnxruntime's transformer optimizer assumes one transformer per
+        graph (with two BERTs its EmbedLayerNormalization fusion fails on a node name it reuses: a KeyError)."""
+        return None if len(self.members) > 1 else self.first.onnx_fusion()
 
     def onnx_text_encoding(self) -> str:
         return self.first.onnx_text_encoding()

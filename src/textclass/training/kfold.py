@@ -234,7 +234,8 @@ def _finish(
     shared = fold_dir(run_dir, 1) / HF_TOKENIZER_FILE  # the folds' one tokenizer, where the torch-free ONNX backend reads it
     if shared.is_file():
         atomic_write(run_dir / HF_TOKENIZER_FILE, lambda tmp: shutil.copyfile(shared, tmp))
-    ensemble = load_model_parts(run_dir, cfg, labels)  # the K folds as one model: what predict and serve run
+    # The K folds as one model, what predict and serve run (its networks only to score a test split).
+    ensemble = load_model_parts(run_dir, cfg, labels, network=data.test is not None)
     probabilities = {OOF_SPLIT: oof}
     if data.test is not None:
         log.info("scoring the test split with the %d-fold ensemble", k)
