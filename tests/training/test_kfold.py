@@ -378,6 +378,9 @@ def test_llm_lora_trains_two_folds(tiny_llama: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(Classifier.load(run_dir).predict_proba(texts), mean, atol=1e-5)
     from textclass import api
 
+    with pytest.raises(UserError, match="training.kfold: zero-shot trains nothing"):
+        api.zero_shot(["sport", "tech"], model=str(tiny_llama), overrides=["training.kfold=2"], output=tmp_path / "zs")
+    assert not (tmp_path / "zs").exists()
     with pytest.raises(UserError, match="one adapter per fold"):
         api.merge(run_dir)
     pytest.importorskip("onnxruntime")
