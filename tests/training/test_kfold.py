@@ -260,6 +260,9 @@ def test_resume_keeps_the_finished_fold_and_ends_as_an_uninterrupted_run(
     fold1 = out / "folds" / "fold-1"
     assert (fold1 / "config.yaml").is_file() and not (out / "config.yaml").exists()
     assert list((out / "folds" / "fold-2" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+    # As if the run had stopped right after fold 1 finished, before its held-out predictions were written:
+    # the resumed run predicts them again with fold 1's saved model.
+    (fold1 / "oof_predictions.csv").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in fold1.rglob("*") if p.is_file()}
 
     changed = {**cfg, "training": {**cfg["training"], "kfold": 4}}
@@ -280,7 +283,8 @@ def test_resume_keeps_the_finished_fold_and_ends_as_an_uninterrupted_run(
     assert said[0] == "fold 1/3: finished before, kept as it is"
     assert said[1].startswith("fold 2/3: training on") and said[1].endswith("(resuming from its last checkpoint)")
     assert said[2].startswith("fold 3/3: training on") and "resuming" not in said[2]
-    assert {p: p.stat().st_mtime_ns for p in fold1.rglob("*") if p.is_file()} == stamps  # fold 1 was not retrained
+    after = {p: p.stat().st_mtime_ns for p in fold1.rglob("*") if p.is_file()}
+    assert after.pop(fold1 / "oof_predictions.csv") and after == stamps  # fold 1 was not retrained
     for key in ("folds", "oof", "test"):
         assert resumed.metrics[key] == full.metrics[key], key
     np.testing.assert_array_equal(Classifier.load(out).predict_proba(PROBE), Classifier.load(full.run_dir).predict_proba(PROBE))

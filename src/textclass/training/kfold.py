@@ -25,6 +25,8 @@ interrupted run's as for any run (`resume.check_resume_config`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -46,6 +48,7 @@ from textclass.models.registry import Family
 from textclass.rundir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
+    DATA_AUDIT_FILE,
     EVAL_DIR,
     HF_TOKENIZER_FILE,
     OOF_PREDICTIONS_FILE,
@@ -88,7 +91,7 @@ def run_kfold(
         )
     for f in range(k):
         if finished[f]:
-            _check_held_out(dirs[f], pool["text"].to_numpy()[folds == f], run_dir)
+            _check_held_out(dirs[f], pool[folds == f], run_dir)
     todo = [i for i in range(k) if not finished[i]]
     # The first model is built before the run directory is touched: one the family cannot build fails with nothing written.
     built = (
@@ -150,7 +153,8 @@ def _fold_data(data: PreparedData, pool: pd.DataFrame, folds: np.ndarray, i: int
         "train": f"train+valid ({data.sources.get('train')} + {data.sources.get('valid')}) without fold {i + 1} of {k}",
         "valid": f"fold {i + 1} of {k} of train+valid",
     }
-    audit = {**data.audit, "sizes": {"train": len(train), "valid": len(valid)}, "fold": {"fold": i + 1, "of": k}}
+    fold = {"fold": i + 1, "of": k, "held_out_sha256": _digest(valid)}  # checked when a --resume keeps the fold
+    audit = {**data.audit, "sizes": {"train": len(train), "valid": len(valid)}, "fold": fold}
     return PreparedData(train=train, valid=valid, test=None, labels=data.labels, audit=audit, sources=sources)
 
 
@@ -187,11 +191,20 @@ def _write_oof(
     atomic_write(folder / OOF_PREDICTIONS_FILE, lambda tmp: frame.to_csv(tmp, index=False))
 
 
-def _check_held_out(folder: Path, texts: np.ndarray, run_dir: Path) -> None:
-    """A finished fold kept on --resume must have held out the texts its fold holds out now: else the data or
-    its order changed, and the folds would no longer partition train+valid."""
-    path = folder / OOF_PREDICTIONS_FILE
-    if path.is_file() and pd.read_csv(path, usecols=["text"], dtype=str, keep_default_na=False)["text"].tolist() != list(texts):
+def _digest(df: pd.DataFrame) -> str:
+    """A fingerprint of a fold's held-out rows: texts, second texts and labels, in order."""
+    cols = [c for c in ("text", "text_pair", "labels") if c in df.columns]
+    return hashlib.sha256(json.dumps(df[cols].to_numpy().tolist(), ensure_ascii=False).encode()).hexdigest()
+
+
+def _check_held_out(folder: Path, held_out: pd.DataFrame, run_dir: Path) -> None:
+    """A finished fold kept on --resume must have held out the rows its fold holds out now: else the data (or
+    its order) changed, and the folds would no longer partition train+valid."""
+    try:
+        saved = json.loads((folder / DATA_AUDIT_FILE).read_text(encoding="utf-8"))["fold"]["held_out_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{folder}: its {DATA_AUDIT_FILE} is missing or damaged; train again with --overwrite") from None
+    if saved != _digest(held_out):
         raise UserError(
             f"{run_dir}: the training data changed since the interrupted run ({folder.name} held out other texts); "
             "resume with the same data, or train again with --overwrite"
