@@ -106,6 +106,8 @@ CASES: list[Case] = [
     ("ema decay 1", lambda w: _train(w, "--set", "training.ema_decay=1"), ("training.ema_decay",)),
     ("zlpr single-label", lambda w: _train(w, "--set", "training.loss=zlpr"), ("zlpr", "multi-label")),
     ("multisample without dropout", lambda w: _train(w, "--set", "model.dropout=0", "--set", "model.multisample_dropout=4"), ("model.multisample_dropout", "dropout")),
+    ("one fold", lambda w: _train(w, "--set", "training.kfold=1"), ("training.kfold", "at least 2")),
+    ("more folds than the rarest class", lambda w: _train(w, "--set", "training.kfold=25"), ("training.kfold", "label 'food' has 20", "lower training.kfold")),
     # -- train: model and output -------------------------------------------------------------------------
     ("model folder is not a model", lambda w: _train({**w, "model": w["root"] / "sub"}), ("model.name", "sub")),
     ("model weights 0 bytes", lambda w: _train({**w, "model": w["model_damaged"]}), ("model.name", "model-damaged")),

@@ -32,11 +32,17 @@ def train(
     """Train a classifier; returns a `TrainResult` (run_dir, metrics).
 
     `config` is a Config, a dict shaped like the YAML file, or a path to one; `overrides` are
-    `section.key=value` strings, exactly like `--set` on the command line.
+    `section.key=value` strings, exactly like `--set` on the command line. With `training.kfold` it trains
+    one model per fold and writes them as one ensemble (docs/kfold.md).
     """
+    cfg = _as_config(config, overrides)
+    if cfg.training.kfold:
+        from textclass.training.kfold import run_kfold_training
+
+        return run_kfold_training(cfg, resume=resume, overwrite=overwrite)
     from textclass.training.run import run_training
 
-    return run_training(_as_config(config, overrides), resume=resume, overwrite=overwrite)
+    return run_training(cfg, resume=resume, overwrite=overwrite)
 
 
 def evaluate(

@@ -83,7 +83,7 @@ def train(
     if "test" in result.reports:
         typer.echo(format_report(result.reports["test"], title=f"test ({cfg.data.test or cfg.data.dataset})"))
     for split, metrics in result.metrics.items():
-        if split in ("valid", "test"):
+        if split in ("valid", "oof", "test"):  # oof: a k-fold run's out-of-fold predictions
             shown = {k: v for k, v in metrics.items() if isinstance(v, float)}
             typer.echo(f"{split}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     typer.echo(f"run directory: {result.run_dir}")

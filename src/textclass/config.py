@@ -491,6 +491,18 @@ class TrainingConfig(_Section):
     logging_steps: int = Field(20, ge=1)
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice.")
+    kfold: int | None = Field(
+        None,
+        description="Train K models on stratified folds of train+valid (each fold held out once) and keep them as one "
+        "ensemble that predicts the mean of their probabilities; unset: off. See docs/kfold.md.",
+    )
+
+    @field_validator("kfold")
+    @classmethod
+    def _at_least_two_folds(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"{v} must be at least 2 (the number of folds; 5 is usual), or unset it to train one model")
+        return v
 
     @model_validator(mode="after")
     def _early_stopping_keeps_best(self) -> TrainingConfig:

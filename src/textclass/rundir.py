@@ -53,6 +53,12 @@ EXPORT_FILE = "export.json"  # inside onnx/: written last, marks a finished expo
 ONNX_FP32_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 ONNX_PARITY_FILE = "parity.json"
+# A k-fold run (`training.kfold`): one finished run directory per fold under folds/, and at the top the
+# ensemble's files (config with `training.kfold`, labels, metrics, eval/oof and eval/test, the parity sample).
+FOLDS_DIR = "folds"
+FOLD_DIR = "fold-{}"  # folds/fold-1 .. folds/fold-K
+OOF_PREDICTIONS_FILE = "oof_predictions.csv"  # every train+valid text, predicted by the fold that held it out
+OOF_SPLIT = "oof"  # eval/oof: the report of the out-of-fold predictions
 
 PARITY_SAMPLE_SIZE = 256
 
@@ -84,6 +90,21 @@ def read_labels(path: Path) -> LabelSet:
     return LabelSet.load(path / LABELS_FILE)
 
 
+def fold_dir(run_dir: Path, fold: int) -> Path:
+    """The run directory of fold `fold` (1-based) inside a k-fold run."""
+    return run_dir / FOLDS_DIR / FOLD_DIR.format(fold)
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run directory's metrics.json ({} for runs saved without one)."""
+    try:
+        return dict(json.loads((path / METRICS_FILE).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError):
+        raise UserError(f"{path / METRICS_FILE}: unreadable; the run directory is damaged") from None
+
+
 def load_model(path: str | Path, network: bool = True) -> TextModel:
     """The one way to open a run directory: its model object (config, labels, tokenizer, network)."""
     p = check_run_dir(path)
@@ -95,12 +116,37 @@ def load_model_parts(path: Path, cfg: Config, labels: LabelSet, network: bool = 
     """`load_model` with config and labels given (training reads its weights back before the run is finished)."""
     from textclass.models.registry import MODEL_FILE_ERRORS, get_family
 
+    if cfg.training.kfold:
+        return _load_ensemble(path, cfg, labels, network)
     try:
         return get_family(cfg.model.family).load(path, cfg, labels, network=network)
     except MODEL_FILE_ERRORS as err:
         raise UserError(
             f"{path}: the model files are missing or damaged ({type(err).__name__}: {' '.join(str(err).split())[:160]})"
         ) from None
+
+
+def _load_ensemble(path: Path, cfg: Config, labels: LabelSet, network: bool) -> TextModel:
+    """A k-fold run as one model: its folds' models (each a run directory of its own) behind one object.
+
+    Without the network only fold 1 is read: the folds share one tokenizer (training checks it), and that
+    is all encoding needs.
+    """
+    from textclass.models.ensemble import EnsembleModel
+
+    k = int(cfg.training.kfold or 0)
+    members = []
+    for i in range(1, (k if network else 1) + 1):
+        folder = fold_dir(path, i)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / LABELS_FILE).is_file():
+            raise UserError(
+                f"{path}: fold {i} of {k} is missing or unfinished ({folder}); the run directory is damaged, train again"
+            )
+        member = load_model(folder, network)
+        if member.labels.names != labels.names:
+            raise UserError(f"{folder}: its labels differ from {path / LABELS_FILE}; the run directory is damaged, train again")
+        members.append(member)
+    return EnsembleModel.of(members, cfg, labels)
 
 
 def write_parity_sample(run_dir: Path, df: pd.DataFrame, seed: int = 0) -> None:
@@ -128,10 +174,18 @@ def read_parity_sample(run_dir: Path) -> pd.DataFrame | None:
 
 
 def write_run(
-    run_dir: Path, model: TextModel, metrics: dict[str, Any], log_history: list[dict[str, Any]], data_audit: dict[str, Any]
+    run_dir: Path,
+    model: TextModel,
+    metrics: dict[str, Any],
+    log_history: list[dict[str, Any]] | None,
+    data_audit: dict[str, Any],
 ) -> None:
-    """A finished run's files besides weights, reports and plots: log, audit, metrics, then labels and config."""
-    write_json(run_dir / TRAINING_LOG_FILE, log_history)
+    """A finished run's files besides weights, reports and plots: log, audit, metrics, then labels and config.
+
+    `log_history` None: no training log of its own (a k-fold run's logs are its folds').
+    """
+    if log_history is not None:
+        write_json(run_dir / TRAINING_LOG_FILE, log_history)
     write_json(run_dir / DATA_AUDIT_FILE, data_audit)
     write_json(run_dir / METRICS_FILE, metrics)
     atomic_write(run_dir / LABELS_FILE, model.labels.save)

@@ -33,6 +33,8 @@ def run_zero_shot(cfg: Config, labels: list[str], data: str | Path | None = None
     names = [x.strip() for x in labels if x.strip()]
     if len(names) < 2 or len(set(names)) != len(names):
         raise UserError(f"--labels {','.join(labels)}: give two or more distinct label names, e.g. --labels sport,tech")
+    if cfg.training.kfold:
+        raise UserError("training.kfold: zero-shot trains nothing, so it has no folds; unset training.kfold")
     if cfg.data.multi_label is True:
         raise UserError(
             "data.multi_label: zero-shot scores labels against each other (single-label); train a multi-label run instead"

@@ -16,7 +16,7 @@ from textclass.data.frames import text_columns
 from textclass.errors import UserError
 from textclass.fileio import atomic_write
 from textclass.inference.predictor import BasePredictor
-from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, TENSORBOARD_DIR
+from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, OOF_SPLIT, TENSORBOARD_DIR, read_metrics
 
 log = logging.getLogger("textclass")
 
@@ -156,6 +156,18 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (set(f.relative_to(path).parts) & skip))
 
 
+def _kfold_info(run_dir: Path, k: int | None, metric: str) -> dict[str, str]:
+    """For a k-fold run: what it is, and each fold's and the out-of-fold score in the run's `best_metric`."""
+    if not k:
+        return {}
+    metrics = read_metrics(run_dir)
+    metric = metric if metric != "loss" else "accuracy"  # the reports hold scores, not the training loss
+    scores = [f"{f[metric]:.4f}" for f in metrics.get("folds", []) if metric in f]
+    oof = metrics.get(OOF_SPLIT, {}).get(metric)
+    line = f"{metric} " + ", ".join(scores) + (f"; out-of-fold {oof:.4f}" if oof is not None else "")
+    return {"ensemble": f"{k}-fold ensemble (the mean of {k} models' probabilities)", "fold valid": line}
+
+
 def model_info(run_dir: str | Path, repeats: int = 5, backend: str = "auto", threads: int | None = None) -> dict[str, Any]:
     """Parameters, size on disk, labels and measured latency at batch 1 and 32 (median of `repeats`)."""
     from textclass.inference.load import load_predictor
@@ -179,6 +191,7 @@ def model_info(run_dir: str | Path, repeats: int = 5, backend: str = "auto", thr
     return {
         "family": predictor.cfg.model.family,
         "model": getattr(predictor.cfg.model, "name", getattr(predictor.cfg.model, "arch", "")),
+        **_kfold_info(Path(run_dir), predictor.cfg.training.kfold, predictor.cfg.training.best_metric),
         "task": "multi-label" if predictor.labels.multi_label else "single-label",
         "labels": f"{predictor.labels.num_labels}: {', '.join(predictor.labels.names)}",
         "backend": predictor.backend + (f" ({predictor.variant})" if isinstance(predictor, OnnxPredictor) else ""),

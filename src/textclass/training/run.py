@@ -10,11 +10,13 @@ from __future__ import annotations
 import gc
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from textclass.config import Config, save_config
 from textclass.data.frames import text_columns
@@ -22,7 +24,7 @@ from textclass.data.prepare import PreparedData, prepare_data
 from textclass.errors import Interrupted, UserError
 from textclass.evaluation import plot_training_curves, write_split_report
 from textclass.models.base import TextModel
-from textclass.models.registry import get_family
+from textclass.models.registry import Family, get_family
 from textclass.rundir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -37,6 +39,9 @@ from textclass.training.noisytune import apply_noisytune
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
 from textclass.training.trainer import build_trainer, tokenize
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger("textclass")
 MULTI_LABEL_METRICS = {"hamming_loss", "subset_accuracy"}
 
@@ -48,6 +53,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, Any]
     reports: dict[str, dict[str, Any]]  # "valid"/"test" -> write_report's result (metrics, per-class, files)
+    probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # the reports' probabilities, rows as in the split
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -86,9 +92,21 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
 
 
 def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> TrainResult:
-    """Train, keep the best or last weights, evaluate valid/test on them as saved, and write the run directory."""
-    from transformers import set_seed
+    """Train, keep the best or last weights, evaluate valid/test on them as saved, and write the run directory.
 
+    One model; a k-fold config (`training.kfold`) trains through `training.kfold.run_kfold_training`.
+    """
+    if cfg.training.kfold:
+        raise ValueError("training.kfold is set: train through textclass.training.kfold.run_kfold_training (or textclass.train)")
+    family, run_dir, changes, data = start_run(cfg, resume)
+    model, loss_fn = build_model(cfg, family, data, vocabulary_texts(data.train))
+    return train_run(model, loss_fn, data, run_dir, resume, overwrite, changes)
+
+
+def start_run(cfg: Config, resume: bool) -> tuple[Family, Path, dict[str, list[Any]], PreparedData]:
+    """What every run does before a model exists: the family's defaults filled in, the run directory chosen,
+    a resumed run's config checked, the data read and checked. Returns (family, run directory, the config
+    changes a resume is allowed, data); nothing is written yet."""
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     family = get_family(cfg.model.family)
@@ -99,10 +117,24 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     data = prepare_data(cfg.data)
     _log_data(data)
     check_metric_fits_task(cfg, data.labels.multi_label)
-    texts, pairs = text_columns(data.train)
+    return family, run_dir, changes, data
+
+
+def vocabulary_texts(df: pd.DataFrame) -> list[str]:
+    """The texts a small model fits its vocabulary on: on a pair task the second texts' words count too."""
+    texts, pairs = text_columns(df)
+    return texts + (pairs or [])
+
+
+def build_model(cfg: Config, family: Family, data: PreparedData, vocabulary: list[str]) -> tuple[TextModel, nn.Module]:
+    """A fresh, seeded model to train on `data.train`, and its loss (class weights from `data.train`'s labels).
+
+    `vocabulary`: the texts a small model's tokenizer is fitted on (pretrained tokenizers ignore them).
+    """
+    from transformers import set_seed
+
     set_seed(cfg.training.seed)
-    # Small models fit their vocabulary here: on a pair task the second texts' words count too.
-    model = family.create(cfg, data.labels, texts + (pairs or []))
+    model = family.create(cfg, data.labels, vocabulary)
     if getattr(cfg.model, "noisytune", 0.0):
         n = apply_noisytune(model.network, cfg.model.noisytune, cfg.training.seed)  # type: ignore[union-attr]
         log.info("NoisyTune: perturbed %d pretrained tensors (lambda %.3g)", n, cfg.model.noisytune)  # type: ignore[union-attr]
@@ -117,7 +149,25 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         focal_gamma=t.focal_gamma,
         poly_epsilon=t.poly_epsilon,
     )
+    return model, loss_fn
 
+
+def train_run(
+    model: TextModel,
+    loss_fn: nn.Module,
+    data: PreparedData,
+    run_dir: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    changes: dict[str, list[Any]] | None = None,
+) -> TrainResult:
+    """Train `model` on `data.train` (validating on `data.valid`) into `run_dir` and write it as a finished run.
+
+    `changes`: the config changes a resumed run was allowed (recorded in its metrics). The trained network
+    is released once saved (`model.network` is then empty); the returned reports come from the saved weights.
+    Ctrl-C raises `Interrupted` saying what was kept.
+    """
+    cfg = model.cfg
     created = prepare_run_dir(run_dir, resume, overwrite)
     try:
         save_config(cfg, pending_config(run_dir))
@@ -132,13 +182,15 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
         history = trainer.state.log_history
         # The training model, its gradients and optimizer state go before the saved weights are read back:
-        # otherwise both copies are in memory at once (for an LLM fine-tuned in full, gigabytes).
+        # otherwise both copies are in memory at once (for an LLM fine-tuned in full, gigabytes). The model
+        # object gives up its network too, as the caller may still hold the object.
+        model.network = nn.Module()
         del trainer, model
         gc.collect()
         # Reports come from the weights exactly as saved and loaded back, in fp32 without autocast: what
         # `evaluate`, `predict` and `serve` will compute, not the training-time (possibly bf16) forward.
         saved = load_model_parts(run_dir, cfg, data.labels)
-        reports = _reports(run_dir, data, saved)
+        reports, probs = _reports(run_dir, data, saved)
         metrics.update({split: r["metrics"] for split, r in reports.items()})
         plot_training_curves(history, run_dir / TRAINING_CURVES_FILE)
         if not cfg.training.keep_checkpoints:
@@ -146,7 +198,7 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
         write_run(run_dir, saved, metrics, history, {"sources": data.sources, **data.audit})
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(run_dir, created)) from None
-    return TrainResult(run_dir, metrics, reports)
+    return TrainResult(run_dir, metrics, reports, probs)
 
 
 def resolve_defaults(cfg: Config, family: Any) -> None:
@@ -169,8 +221,8 @@ def check_metric_fits_task(cfg: Config, multi_label: bool) -> None:
         )
 
 
-def _reports(run_dir: Path, data: PreparedData, model: TextModel) -> dict[str, dict[str, Any]]:
-    """Valid (after threshold tuning, which it drives) and test reports of the saved model."""
+def _reports(run_dir: Path, data: PreparedData, model: TextModel) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Valid (after threshold tuning, which it drives) and test reports of the saved model, and its probabilities."""
     cfg, labels, batch_size = model.cfg, model.labels, model.cfg.training.eval_batch_size
     valid_probs = model.predict_proba(*text_columns(data.valid), batch_size=batch_size)
     if labels.multi_label and cfg.evaluation.tune_threshold:
@@ -181,10 +233,11 @@ def _reports(run_dir: Path, data: PreparedData, model: TextModel) -> dict[str, d
     splits = {"valid": (data.valid, valid_probs)}
     if data.test is not None:
         splits["test"] = (data.test, model.predict_proba(*text_columns(data.test), batch_size=batch_size, progress=True))
-    return {
+    reports = {
         name: write_split_report(run_dir / EVAL_DIR / name, df, probs, labels, cfg.evaluation.threshold, cfg.evaluation.badcases)
         for name, (df, probs) in splits.items()
     }
+    return reports, {name: probs for name, (_, probs) in splits.items()}
 
 
 def _interrupted_message(run_dir: Path, created: bool) -> str:
