@@ -115,11 +115,14 @@ def child(args: argparse.Namespace) -> None:
     out = tempfile.mkdtemp() + "/run"
     t0 = time.perf_counter()
     result = textclass.train(config(args, args.variant, args.seed, json.loads(args.files), out))
-    test = result.metrics.get("test") or result.metrics.get("oof") or {}
+    test = result.metrics.get("test") or {}
+    train = result.metrics.get("train", {})
+    runs = train.get("folds", [train])  # a k-fold run: each fold's summary
     row = {
-        "train_s": result.metrics.get("train", {}).get("train_runtime_s"),
+        "train_s": sum(r.get("train_runtime_s") or 0.0 for r in runs),
         "total_s": time.perf_counter() - t0,
-        "steps": result.metrics.get("train", {}).get("global_step"),
+        "steps": sum(r.get("global_step") or 0 for r in runs),
+        "oof_accuracy": result.metrics.get("oof", {}).get("accuracy"),
         "test_accuracy": test.get("accuracy"),
         "test_macro_f1": test.get("macro_f1"),
     }

@@ -226,7 +226,8 @@ def test_old_run_config_with_every_small_key_upgrades_and_loads(arch: str) -> No
     assert raw["model"] == {**OLD_SMALL_MODEL, "arch": arch}  # the input is left as it was
     cfg = build_config(upgraded)
     assert type(cfg.model) is SMALL_ARCHS[arch] and cfg.training.epochs == 1
-    assert set(upgraded["model"]) == set(SMALL_ARCHS[arch].model_fields)
+    added_since = {"multisample_dropout"}  # keys newer than that format: absent, so their defaults apply
+    assert set(upgraded["model"]) == set(SMALL_ARCHS[arch].model_fields) - added_since
     if arch == "textcnn":
         assert cfg.model.num_filters == 64  # the arch's own values are kept
 
