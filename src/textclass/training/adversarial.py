@@ -189,10 +189,10 @@ class AWP:
         # With gradient accumulation .grad holds earlier micro-batches too: the attack follows this batch's.
         before = {p: p.grad.clone() for p in weights if p.grad is not None and not p.grad.is_sparse}
         clean = step(0.5)
-        grads: list[torch.Tensor | None] = []
-        for p in weights:
-            g = p.grad
-            grads.append(None if g is None or g.is_sparse else g - before[p] if p in before else g)
+        # Only matrices with a dense gradient move: a sparse one (fastText's table) would be copied whole.
+        dense = [(p, g) for p in weights if (g := p.grad) is not None and not g.is_sparse]
+        weights = [p for p, _ in dense]
+        grads: list[torch.Tensor | None] = [g - before[p] if p in before else g for p, g in dense]
         del before
         saved = [p.detach().clone() for p in weights]
         try:
