@@ -89,8 +89,9 @@ def test_ema_weights_are_validated_saved_and_reloaded(
     )
     assert len(seen) == 8  # one update per optimizer step
     want = dict(seen[0])
-    for weights in seen[1:]:
-        want = {n: decay * want[n] + (1 - decay) * weights[n] for n in want}
+    for count, weights in enumerate(seen[1:], start=1):
+        d = min(decay, (1 + count) / (10 + count))  # the warm-up: 0.18, 0.25, ... then 0.8 from the 26th update
+        want = {n: d * want[n] + (1 - d) * weights[n] for n in want}
     saved = _saved_weights(run.run_dir, set(want))
     assert set(saved) == set(want)
     for n in want:
@@ -196,7 +197,9 @@ def test_averaging_unit_formulas() -> None:
         ema.update()
         swa.update()
     torch.testing.assert_close(swa.shadow["weight"], torch.full_like(net.weight, 4.0))
-    torch.testing.assert_close(ema.shadow["weight"], torch.full_like(net.weight, 0.81 * 1 + 0.09 * 3 + 0.1 * 8))
+    d1, d2 = 2 / 11, 3 / 12  # warm-up: min(0.9, (1 + n) / (10 + n)) at updates 1 and 2
+    torch.testing.assert_close(ema.shadow["weight"], torch.full_like(net.weight, d2 * (d1 * 1 + (1 - d1) * 3) + (1 - d2) * 8))
+    assert ema.decay_at(1000) == 0.9
     with ema.swapped_in():
         torch.testing.assert_close(net.weight.detach(), ema.shadow["weight"])
     assert torch.equal(net.weight.detach(), values[-1])  # the network's own weights are back

@@ -92,14 +92,19 @@ class WeightAverage:
 
 
 class EMA(WeightAverage):
-    """shadow <- decay * shadow + (1 - decay) * weights, after every optimizer step (decay 0: the weights)."""
+    """shadow <- d * shadow + (1 - d) * weights after every optimizer step, d = min(decay, (1 + n) / (10 + n))
+    at the n-th update (TensorFlow's `num_updates` warm-up): a fine-tuning run of a few hundred steps would
+    otherwise keep a large share of its first steps' weights (0.99^100 = 37%). Decay 0: the weights."""
 
     def __init__(self, network: nn.Module, decay: float) -> None:
         super().__init__(network)
         self.decay = decay
 
+    def decay_at(self, count: int) -> float:
+        return min(self.decay, (1.0 + count) / (10.0 + count))
+
     def _blend(self, shadow: torch.Tensor, value: torch.Tensor) -> None:
-        shadow.lerp_(value, 1.0 - self.decay)  # lerp with weight 1 returns `value` exactly
+        shadow.lerp_(value, 1.0 - self.decay_at(self.count))  # lerp with weight 1 returns `value` exactly
 
 
 class SWA(WeightAverage):
