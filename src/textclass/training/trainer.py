@@ -118,8 +118,9 @@ class ClassifierTrainer(Trainer):
                 self._loss_scale = 1.0
 
         def loss() -> torch.Tensor:
+            # The unwrapped network: a probing forward has no backward, which a DDP wrapper would wait for.
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, self._prepare_inputs(dict(inputs)))
+                return self.compute_loss(self.accelerator.unwrap_model(model), self._prepare_inputs(dict(inputs)))
 
         return adv.train_step(step, loss)  # the clean loss, as logged without adversarial training
 
