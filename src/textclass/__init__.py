@@ -1,6 +1,6 @@
 """textclass: train, evaluate, compress, export and serve text classifiers.
 
-The public API: `train()`, `evaluate()`, `Classifier.load(DIR).predict([...])` (also `load(DIR)`).
+The public API: `train()`, `distill()`, `evaluate()`, `Classifier.load(DIR).predict([...])` (also `load(DIR)`).
 Heavy libraries (torch, transformers) are imported when these are first used.
 """
 
@@ -15,6 +15,7 @@ __all__ = [
     "Config",
     "UserError",
     "__version__",
+    "distill",
     "evaluate",
     "load",
     "load_config",
@@ -26,7 +27,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import textclass` (and `textclass --help`) must not pay for importing torch.
-    if name in ("Classifier", "evaluate", "load", "train", "zero_shot", "merge"):
+    if name in ("Classifier", "distill", "evaluate", "load", "train", "zero_shot", "merge"):
         from textclass import api
 
         return getattr(api, name)

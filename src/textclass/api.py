@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ def train(
     one model per fold and writes them as one ensemble (docs/kfold.md).
     """
     cfg = _as_config(config, overrides)
+    if cfg.distill is not None:
+        from textclass.compress.distill import run_distillation
+
+        return run_distillation(cfg, resume=resume, overwrite=overwrite)
     if cfg.training.kfold:
         from textclass.training.kfold import run_kfold_training
 
@@ -43,6 +48,27 @@ def train(
     from textclass.training.run import run_training
 
     return run_training(cfg, resume=resume, overwrite=overwrite)
+
+
+def distill(
+    teachers: Sequence[str | Path] | str | Path,
+    config: dict | str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Any:
+    """Train the student of `config` (any family) on the soft labels of `teachers` (run directories of any
+    family, k-fold ensembles included; several are averaged); returns its `TrainResult`.
+
+    Without a `data` section the student trains on the first teacher's data. See docs/distill.md.
+    """
+    from textclass.compress.distill import distill_config, run_distillation
+
+    listed = [teachers] if isinstance(teachers, (str, Path)) else list(teachers)
+    cfg = distill_config(listed, config, overrides, output)
+    return run_distillation(cfg, resume=resume, overwrite=overwrite)
 
 
 def evaluate(

@@ -89,6 +89,34 @@ def train(
     typer.echo(f"run directory: {result.run_dir}")
 
 
+@app.command()
+@_interruptible
+def distill(
+    teacher: list[Path] = typer.Option(..., "--teacher", "-t", help="Teacher run directory (repeat for several: averaged)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="The student's YAML config (default: the teacher's data, an encoder)."
+    ),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key: --set distill.temperature=4"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="The student's run directory (training.output_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+) -> None:
+    """Train a student model on the soft labels of teacher runs (any family into any family)."""
+    from textclass.api import distill as api_distill
+
+    result = api_distill(teacher, config, list(set_), output=output, resume=resume, overwrite=overwrite)
+    student = result.metrics.get("test") or result.metrics.get("valid") or {}
+    split = "test" if "test" in result.metrics else "valid"
+    for t in result.metrics["distill"]["teachers"]:
+        ours, theirs = student.get("accuracy"), (t.get(split) or {}).get("accuracy")
+        kept = f" (the student keeps {100 * ours / theirs:.1f}%)" if ours is not None and theirs else ""
+        shown = f"{theirs:.4f}" if theirs is not None else "n/a"
+        typer.echo(f"teacher {t['run_dir']}: {split} accuracy {shown}{kept}")
+    shown_metrics = {k: v for k, v in student.items() if isinstance(v, float)}
+    typer.echo(f"student {split}: " + "  ".join(f"{k}={v:.4f}" for k, v in shown_metrics.items()))
+    typer.echo(f"run directory: {result.run_dir}")
+
+
 @app.command("zero-shot")
 @_interruptible
 def zero_shot(

@@ -80,6 +80,12 @@ class DataConfig(_Section):
     empty_texts: Literal["drop", "error"] = Field("drop", description="Empty/null texts: drop with a warning, or fail.")
     dedup: bool = Field(False, description="Drop exact (normalised) duplicates found by the leak audit.")
     seed: int = 42
+    unlabeled: str | None = Field(
+        None,
+        description="Distillation only: texts without labels that the teacher labels softly; a file (its "
+        "`text_column`, labels ignored) or a built-in data set's name (its training texts this run does not use).",
+    )
+    unlabeled_limit: int | None = Field(None, ge=1, description="Use at most this many unlabeled texts (a seeded sample).")
 
 
 class EncoderModelConfig(_Section):
@@ -572,6 +578,59 @@ class TrainingConfig(_Section):
         return v
 
 
+class StudentConfig(_Section):
+    """Self-distillation: the student is the teacher with fewer layers, not a fresh model."""
+
+    from_teacher: bool = Field(
+        False, description="Copy the (first) teacher's embeddings, chosen layers and head into the student."
+    )
+    layers: int | list[int] | None = Field(
+        None,
+        description="The teacher layers to keep (0-based, in order), or how many (spread evenly, first and last "
+        "kept: 4 of 12 keeps 0, 4, 7, 11).",
+    )
+
+    @model_validator(mode="after")
+    def _layers_given(self) -> StudentConfig:
+        if self.from_teacher and self.layers is None:
+            raise _combination_error("layers", "from_teacher needs the layers to keep: a count (3) or indices ([0, 2, 5])")
+        if isinstance(self.layers, int) and self.layers < 1:
+            raise _combination_error("layers", f"{self.layers} keeps no layer; give at least 1")
+        if isinstance(self.layers, list) and (
+            not self.layers or any(i < 0 for i in self.layers) or self.layers != sorted(set(self.layers))
+        ):
+            raise _combination_error("layers", f"{self.layers}: give distinct 0-based layer indices in increasing order")
+        return self
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation: train this config's model (the student) on the soft labels of teacher runs."""
+
+    teachers: list[str] = Field(
+        default_factory=list,
+        description="Teacher run directories (`textclass distill --teacher RUN`); several are averaged.",
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="Weight of the hard-label loss; 1 - alpha goes to matching the teachers."
+    )
+    temperature: float = Field(2.0, gt=0.0, description="Softens both sides' logits; the soft loss is scaled by T².")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    hidden_matches: list[tuple[int, int]] | None = Field(
+        None,
+        description="Self-distillation: [student layer, teacher layer] pairs (0-based) whose outputs are pulled "
+        "together by MSE (TextBrewer's intermediate matches); unset: each kept layer with its source layer.",
+    )
+    hidden_weight: float = Field(1.0, ge=0.0, description="Weight of the hidden-state MSE (0: logits only).")
+
+    @model_validator(mode="after")
+    def _matches_need_a_copied_student(self) -> DistillConfig:
+        if self.hidden_matches and not self.student.from_teacher:
+            raise _combination_error(
+                "hidden_matches", "compares hidden states of a student built from the teacher; set student.from_teacher"
+            )
+        return self
+
+
 class EvaluationConfig(_Section):
     """Evaluation and prediction options."""
 
@@ -587,6 +646,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=EncoderModelConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    distill: DistillConfig | None = Field(None, description="Knowledge distillation (`textclass distill`); docs/distill.md.")
 
     @model_validator(mode="before")
     @classmethod
@@ -608,6 +668,16 @@ class Config(_Section):
         zero_shot = isinstance(self.model, LLMModelConfig) and self.model.head == "lm"  # scores, never trains
         if self.data.train is None and self.data.dataset is None and not zero_shot:
             raise ValueError("data: set `data.train` (a file) or `data.dataset` (built-in or hub name)")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_settings(self) -> Config:
+        if self.data.unlabeled and self.distill is None:
+            raise _combination_error("data.unlabeled", "texts are for distillation: run `textclass distill --teacher RUN`")
+        if self.distill is not None and self.training.kfold:
+            raise _combination_error(
+                "training.kfold", "a distilled student is one model; distil a k-fold teacher into it instead"
+            )
         return self
 
 
@@ -730,27 +800,28 @@ def build_config(raw: dict[str, Any] | None = None, overrides: list[str] | None 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file (optional) and apply overrides."""
-    raw: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise UserError(f"{p}: config file not found; check the path or copy one from configs/")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{p}: a config must be a mapping with sections data/model/training/evaluation")
-        raw = loaded
+    raw, source = read_config_file(path) if path is not None else ({}, "config")
     return build_config(raw, overrides, source)
+
+
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """A YAML config file as a raw dict (not yet validated) and its name for messages."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found; check the path or copy one from configs/")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8 text; save the config as UTF-8") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{p}: a config must be a mapping with sections data/model/training/evaluation")
+    return loaded, str(p)
 
 
 def save_config(cfg: Config, path: Path) -> None:

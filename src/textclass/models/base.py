@@ -122,6 +122,25 @@ class TextModel:
             progress,
         )
 
+    def predict_logits(
+        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 32, progress: bool = False
+    ) -> np.ndarray:
+        """The network's fp32 logits (len(texts), num_labels) in input order, without gradients, in eval mode
+        (what distillation learns from: `probabilities` of them are `predict_proba`)."""
+        self.network.eval()
+
+        def forward(batch: dict[str, torch.Tensor]) -> np.ndarray:
+            with torch.inference_mode():
+                batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+                return self.network(**batch).float().cpu().numpy()
+
+        return batched_probabilities(self, forward, texts, pairs, batch_size, self.labels.num_labels, progress)
+
+    def standalone(self) -> None:
+        """Make every weight the network uses its own and trainable, so that it saves and trains as a full model
+        (a self-distilled student cut from this model). Families with adapters or frozen bases override this."""
+        self.network.requires_grad_(True)
+
     # -- persistence ------------------------------------------------------------------------------------
     def save_weights(self, run_dir: Path) -> None:
         """Write the network and tokenizer into `run_dir` (safetensors, no pickles); config and labels are

@@ -48,11 +48,16 @@ class EnsembleNetwork(nn.Module):
             self.quantization = {"members": quantization}
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        mean = torch.stack([probabilities(m(**batch), self.multi_label) for m in self.members]).mean(0)
-        if self.multi_label:
-            mean = mean.clamp(EPS, 1.0 - EPS)
-            return torch.log(mean) - torch.log(1.0 - mean)
-        return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))  # a class every member rules out: finite
+        return mean_logits([m(**batch) for m in self.members], self.multi_label)
+
+
+def mean_logits(logits: list[torch.Tensor], multi_label: bool) -> torch.Tensor:
+    """Logits whose probabilities are the mean of the given logits' probabilities (see the module docstring)."""
+    mean = torch.stack([probabilities(x, multi_label) for x in logits]).mean(0)
+    if multi_label:
+        mean = mean.clamp(EPS, 1.0 - EPS)
+        return torch.log(mean) - torch.log(1.0 - mean)
+    return torch.log(mean.clamp_min(torch.finfo(mean.dtype).tiny))  # a class every member rules out: finite
 
 
 @dataclass(eq=False)

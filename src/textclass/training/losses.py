@@ -149,3 +149,49 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.T
     kl_ab = (la.exp() * (la - lb)).sum(-1)
     kl_ba = (lb.exp() * (lb - la)).sum(-1)
     return ((kl_ab + kl_ba) / 2).mean()
+
+
+def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, multi_label: bool) -> torch.Tensor:
+    """T² x the divergence of the student's softened predictions from the teacher's, averaged over the batch.
+
+    Single-label: KL(softmax(t/T) || softmax(s/T)), summed over classes (Hinton et al. 2015). Multi-label:
+    binary cross-entropy of sigmoid(s/T) against the teacher's sigmoid(t/T), averaged over labels (a softmax
+    would make independent labels compete). T² keeps the gradients' scale as T changes: the gradient of
+    either term in the logits is (p_s - p_t)/T, which shrinks like 1/T² for large T.
+    """
+    s, t = student.float() / temperature, teacher.float() / temperature
+    if multi_label:
+        soft = F.binary_cross_entropy_with_logits(s, torch.sigmoid(t), reduction="none").mean(-1)
+    else:
+        soft = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), reduction="none", log_target=True).sum(-1)
+    return soft.mean() * temperature**2
+
+
+class DistillationLoss(nn.Module):
+    """`alpha * hard + (1 - alpha) * T² * soft` (`soft_target_loss`), with the hard loss from `make_loss`.
+
+    The teacher's logits come with the batch (`teacher_logits`, computed once before training); `labeled`
+    marks the rows with a gold label (unlabeled texts learn from the teacher alone): the hard loss is the mean
+    over the batch's labeled rows, the soft loss the mean over all rows. Called without teacher logits
+    (validation) it is the hard loss, so validation loss means the same as in any run.
+    """
+
+    def __init__(self, hard: nn.Module, alpha: float, temperature: float, multi_label: bool) -> None:
+        super().__init__()
+        self.hard, self.alpha, self.temperature, self.multi_label = hard, alpha, temperature, multi_label
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        labeled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if teacher_logits is None:
+            return self.hard(logits, target)
+        rows = labeled.bool() if labeled is not None else torch.ones(len(logits), dtype=torch.bool, device=logits.device)
+        hard = self.hard(logits[rows], target[rows]) if rows.any() else logits.sum() * 0.0
+        if self.alpha == 1.0:  # hard labels only: exactly the plain loss (the soft term is not even computed)
+            return hard
+        soft = soft_target_loss(logits, teacher_logits, self.temperature, self.multi_label)
+        return self.alpha * hard + (1.0 - self.alpha) * soft

@@ -37,7 +37,7 @@ from textclass.rundir import (
 from textclass.training.losses import make_loss
 from textclass.training.noisytune import apply_noisytune
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
-from textclass.training.trainer import build_trainer, tokenize
+from textclass.training.trainer import ExtraTargets, build_trainer, tokenize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -138,8 +138,13 @@ def build_model(cfg: Config, family: Family, data: PreparedData, vocabulary: lis
     if getattr(cfg.model, "noisytune", 0.0):
         n = apply_noisytune(model.network, cfg.model.noisytune, cfg.training.seed)  # type: ignore[union-attr]
         log.info("NoisyTune: perturbed %d pretrained tensors (lambda %.3g)", n, cfg.model.noisytune)  # type: ignore[union-attr]
+    return model, build_loss(cfg, data)
+
+
+def build_loss(cfg: Config, data: PreparedData) -> nn.Module:
+    """The training loss of `training.loss` & co., class weights counted on `data.train`'s labels."""
     t = cfg.training
-    loss_fn = make_loss(
+    return make_loss(
         data.labels.multi_label,
         data.labels.num_labels,
         t.class_weights,
@@ -149,7 +154,6 @@ def build_model(cfg: Config, family: Family, data: PreparedData, vocabulary: lis
         focal_gamma=t.focal_gamma,
         poly_epsilon=t.poly_epsilon,
     )
-    return model, loss_fn
 
 
 def train_run(
@@ -160,10 +164,13 @@ def train_run(
     resume: bool = False,
     overwrite: bool = False,
     changes: dict[str, list[Any]] | None = None,
+    extra: ExtraTargets | None = None,
+    record: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train `model` on `data.train` (validating on `data.valid`) into `run_dir` and write it as a finished run.
 
-    `changes`: the config changes a resumed run was allowed (recorded in its metrics). The trained network
+    `changes`: the config changes a resumed run was allowed (recorded in its metrics). `extra`: targets
+    besides the labels, one row per `data.train` row (distillation); `record`: more entries for metrics.json. The trained network
     is released once saved (`model.network` is then empty); the returned reports come from the saved weights.
     Ctrl-C raises `Interrupted` saying what was kept.
     """
@@ -172,7 +179,7 @@ def train_run(
     try:
         save_config(cfg, pending_config(run_dir))
         train_ds, valid_ds = tokenize(model, data.train), tokenize(model, data.valid)
-        trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn)
+        trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn, extra)
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir) if resume else None)
         _log_kept(trainer, cfg)
         assert trainer.model is not None  # build_trainer gave it the model object's network
@@ -180,6 +187,7 @@ def train_run(
         model.save_weights(run_dir)
         write_parity_sample(run_dir, data.valid, seed=cfg.data.seed)
         metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
+        metrics.update(record or {})
         history = trainer.state.log_history
         # The training model, its gradients and optimizer state go before the saved weights are read back:
         # otherwise both copies are in memory at once (for an LLM fine-tuned in full, gigabytes). The model

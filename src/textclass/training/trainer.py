@@ -13,6 +13,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -61,9 +62,12 @@ class ClassifierTrainer(Trainer):
         adversarial_start_epoch: float = 0.0,
         averaging: AveragingCallback | None = None,
         swa_lr: float | None = None,
+        target_keys: tuple[str, ...] = (),
+        auxiliary_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.target_keys, self.auxiliary_loss = target_keys, auxiliary_loss
         self.averaging, self.swa_lr = averaging, swa_lr
         if averaging is not None:
             self.add_callback(averaging)
@@ -95,13 +99,23 @@ class ClassifierTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, torch.Tensor], labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits and their loss. Multi-sample dropout returns (batch, samples, labels) while training
-        (models/heads.py): the loss is the mean of the samples' losses, the logits their mean."""
-        logits = model(**inputs)
+        (models/heads.py): the loss is the mean of the samples' losses, the logits their mean.
+
+        Batch entries named in `target_keys` (distillation's teacher logits) go to the loss, not the network;
+        an `auxiliary_loss` (distillation's hidden-state matching) is added while training, right after the
+        forward pass whose hidden states it reads.
+        """
+        targets = {k: inputs[k] for k in self.target_keys if k in inputs}
+        logits = model(**{k: v for k, v in inputs.items() if k not in targets})
         loss_fn = self.loss_fn.to(logits.device)
         if logits.dim() == 3:
-            loss = torch.stack([loss_fn(logits[:, k].float(), labels) for k in range(logits.size(1))]).mean()
-            return logits.mean(1), loss
-        return logits, loss_fn(logits.float(), labels)
+            loss = torch.stack([loss_fn(logits[:, k].float(), labels, **targets) for k in range(logits.size(1))]).mean()
+            logits = logits.mean(1)
+        else:
+            loss = loss_fn(logits.float(), labels, **targets)
+        if self.auxiliary_loss is not None and model.training:
+            loss = loss + self.auxiliary_loss(inputs)
+        return logits, loss
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """The Trainer's step; with adversarial training, the method's passes (see `training.adversarial`), each
@@ -530,9 +544,37 @@ def metrics_fn(labels: LabelSet, threshold: float) -> Any:
     return fn
 
 
-def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Path, loss_fn: nn.Module) -> ClassifierTrainer:
+@dataclass
+class ExtraTargets:
+    """What a training run learns from besides the labels (distillation): per-row `columns` added to the
+    training split and handed to the loss with each batch (e.g. `teacher_logits`, `labeled`), and an
+    `auxiliary_loss` computed from each training batch's inputs."""
+
+    columns: dict[str, np.ndarray]
+    auxiliary_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+
+
+def collate_with_targets(collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]], keys: tuple[str, ...]) -> Any:
+    """`collate` for rows that also carry target columns (training rows; validation rows have none): those
+    are stacked into tensors of their own."""
+
+    def fn(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = collate([{k: v for k, v in f.items() if k not in keys} for f in features])
+        for k in (k for k in keys if k in features[0]):
+            batch[k] = torch.as_tensor(np.stack([np.asarray(f[k]) for f in features]))
+        return batch
+
+    return fn
+
+
+def build_trainer(
+    model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Path, loss_fn: nn.Module, extra: ExtraTargets | None = None
+) -> ClassifierTrainer:
     """Assemble the Trainer around the model object: our loss, metrics, collator and callbacks."""
     cfg = model.cfg
+    keys: tuple[str, ...] = tuple(extra.columns) if extra is not None else ()
+    for name, values in extra.columns.items() if extra is not None else ():
+        train_ds = train_ds.add_column(name, values.tolist())
     if cfg.training.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     callbacks: list[Any] = []
@@ -545,7 +587,7 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         args=training_arguments(cfg, model.family, output_dir, valid_ds is not None),
         train_dataset=PackedRows(train_ds),
         eval_dataset=None if valid_ds is None else PackedRows(valid_ds),  # numpy rows, as for training
-        data_collator=model.collate,
+        data_collator=collate_with_targets(model.collate, keys) if keys else model.collate,
         compute_metrics=metrics_fn(model.labels, cfg.evaluation.threshold),
         callbacks=callbacks,
         loss_fn=loss_fn,
@@ -557,6 +599,8 @@ def build_trainer(model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Pa
         adversarial_start_epoch=cfg.training.adversarial_start_epoch or 0.0,
         averaging=_averaging(model, cfg),
         swa_lr=cfg.training.swa.lr if cfg.training.swa else None,
+        target_keys=keys,
+        auxiliary_loss=extra.auxiliary_loss if extra is not None else None,
     )
 
 

@@ -107,6 +107,18 @@ class LLMModel(TextModel):
         self.mcfg.finetune = "full"
         self.record["finetune"] = "full"
 
+    def standalone(self) -> None:
+        """A full fine-tune of the same function: LoRA adapters merged, a frozen (head-only) body made the
+        model's own; the weights are then all saved (`finetune: full`), none taken from the base model."""
+        if self.mcfg.head == "lm":
+            raise UserError("a zero-shot run (head: lm) has no trained classifier to build a student from; train a head first")
+        if self.mcfg.finetune == "lora":
+            self.merge_adapter()
+        self.mcfg.finetune = "full"
+        self.record["finetune"] = "full"
+        self.record.pop("parameters", None)  # counted again when saved
+        super().standalone()
+
     # -- ONNX -------------------------------------------------------------------------------------------
     def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
         spec = super().onnx_spec(sample_batch)

@@ -1,0 +1,1 @@
+"""Making trained models smaller and faster: distillation (distill.py) and structured pruning (prune.py)."""
