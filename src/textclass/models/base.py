@@ -152,6 +152,9 @@ class TextModel:
         params = list(self.network.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
+    def shape_changed(self) -> None:
+        """Called after surgery changed the network's shape (`models.surgery`): drop anything recorded about it."""
+
     def enable_gradient_checkpointing(self) -> None:
         """`training.gradient_checkpointing`: recompute the transformer's activations in the backward pass.
 

@@ -27,7 +27,8 @@ from textclass.models.base import OnnxSpec, TextModel
 from textclass.models.heads import multisample
 from textclass.models.pretrained import load_pretrained, package_file
 from textclass.models.registry import Family, register
-from textclass.rundir import ENCODER_CONFIG_FILE, WEIGHTS_FILE
+from textclass.models.surgery import load_structure, save_structure
+from textclass.rundir import ENCODER_CONFIG_FILE, STRUCTURE_FILE, WEIGHTS_FILE
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not with this module
     from transformers import PreTrainedModel
@@ -115,6 +116,7 @@ class EncoderModel(TextModel):
 
     def save_weights(self, run_dir: Path) -> None:
         self.tokenizer.save_pretrained(run_dir)
+        save_structure(self.network, run_dir)  # a pruned encoder's per-layer shapes (none otherwise)
         if isinstance(self.network, HFHeadClassifier):
             self.network.model.save_pretrained(run_dir, safe_serialization=True)
             return
@@ -184,7 +186,13 @@ class EncoderFamily(Family[EncoderModelConfig]):
         assert isinstance(mcfg, EncoderModelConfig)
         tokenizer = AutoTokenizer.from_pretrained(run_dir)
         net: nn.Module = nn.Module()
-        if network and mcfg.head == "hf":
+        if network and mcfg.head == "hf" and (run_dir / STRUCTURE_FILE).is_file():
+            # pruned: from_pretrained would refuse the per-layer shapes; build, reshape, then load the weights
+            hf = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(run_dir))
+            load_structure(hf, run_dir)
+            hf.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
+            net = HFHeadClassifier(hf)
+        elif network and mcfg.head == "hf":
             net = HFHeadClassifier(AutoModelForSequenceClassification.from_pretrained(run_dir))
         elif network:
             enc_cfg = AutoConfig.for_model(**json.loads((run_dir / ENCODER_CONFIG_FILE).read_text(encoding="utf-8")))
@@ -192,6 +200,7 @@ class EncoderFamily(Family[EncoderModelConfig]):
             net = EncoderClassifier(
                 AutoModel.from_config(enc_cfg, **kwargs), labels.num_labels, mcfg.pooling, mcfg.dropout, tokenizer.cls_token_id
             )
+            load_structure(net, run_dir)
             net.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
         return EncoderModel(self, net.eval(), tokenizer, labels, cfg)
 

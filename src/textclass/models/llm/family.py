@@ -42,6 +42,7 @@ from textclass.models.llm.pretrained import BaseModel, check_causal_lm, fingerpr
 from textclass.models.llm.prompt import PromptEncoder
 from textclass.models.pretrained import load_pretrained
 from textclass.models.registry import Family, register
+from textclass.models.surgery import load_structure, save_structure
 from textclass.rundir import ADAPTER_DIR, HEAD_FILE, LLM_FILE, WEIGHTS_FILE
 
 
@@ -81,6 +82,7 @@ class LLMModel(TextModel):
         if self.mcfg.head != "lm":
             if self.mcfg.finetune == "full":
                 record["config"] = self.body.config.to_dict()
+                save_structure(self.network, run_dir)  # a pruned LLM's per-layer shapes (none otherwise)
                 state = {k: v.contiguous() for k, v in self.network.state_dict().items()}
                 save_file(state, str(run_dir / WEIGHTS_FILE), metadata={"format": "pt"})
             else:
@@ -94,6 +96,9 @@ class LLMModel(TextModel):
         """(all, trainable) as trained: a loaded adapter is frozen, but it is what training changed."""
         counts = self.record.get("parameters")
         return (int(counts["all"]), int(counts["trainable"])) if counts else super().parameter_counts()
+
+    def shape_changed(self) -> None:
+        self.record.pop("parameters", None)  # counted again from the network when saved
 
     def merge_adapter(self) -> None:
         """Fold LoRA adapters into the weights (`merge_and_unload`): the same function, plain layers, and the
@@ -174,6 +179,7 @@ class LLMFamily(Family[LLMModelConfig]):
 
             body = _body_class(mcfg).from_config(AutoConfig.for_model(**record["config"]))
             net = _assemble(body, mcfg, labels, fresh=False)
+            load_structure(net, run_dir)
             net.load_state_dict(load_file(str(run_dir / WEIGHTS_FILE)))
             return LLMModel(self, net.eval(), tokenizer, labels, cfg, record)
         base = resolve(mcfg)
