@@ -205,7 +205,7 @@ def _record(cfg: Config, paths: list[Path], teachers: list[TextModel], n_labeled
     """metrics.json's `distill` entry: the teachers (folder, family, parameters, scores) and the settings."""
     d = cfg.distill
     assert d is not None
-    entries = []
+    entries: list[dict[str, Any]] = []
     for path, teacher in zip(paths, teachers, strict=True):
         m = read_metrics(path)
         entries.append(
@@ -252,7 +252,7 @@ def unlabeled_texts(cfg: DataConfig, data: PreparedData) -> pd.DataFrame:
         if data.has_pairs != ("text_pair" in frame.columns):
             raise UserError(f"{path}: data.unlabeled must have the same text columns as the training data")
     keys = _keys(frame)
-    seen: set[str] = set().union(*(_keys(df) for df in (data.train, data.valid, data.test) if df is not None))
+    seen = set(pd.concat([_keys(df) for df in (data.train, data.valid, data.test) if df is not None]))
     keep = ~keys.isin(seen) & ~keys.duplicated()
     dropped = int((~keep).sum())
     frame = frame[keep.to_numpy()].reset_index(drop=True)
@@ -287,20 +287,27 @@ def student_from_teacher(path: Path, layers: int | list[int] | None) -> TextMode
     student = load_model(path)
     student.standalone()
     count = len(transformer_layers(student.network))
-    chosen = spread_layers(layers, count) if isinstance(layers, int) else list(layers or [])
-    if chosen[-1] >= count:
-        raise UserError(f"distill.student.layers: {chosen} asks for layer {chosen[-1]}; the teacher has 0 to {count - 1}")
+    chosen = chosen_layers(layers, count)
     keep_layers(student, chosen)
     student.network.requires_grad_(True)
     log.info("student: the teacher's layers %s of %d (its embeddings and head copied)", chosen, count)
     return student
 
 
-def spread_layers(n: int, total: int) -> list[int]:
-    """`n` of `total` layers spread evenly, the first and the last included (4 of 12: 0, 4, 7, 11)."""
-    if n > total:
-        raise UserError(f"distill.student.layers: {n} layers asked, the teacher has {total}; give at most {total}")
-    return sorted({int(round(x)) for x in np.linspace(0, total - 1, n)}) if n > 1 else [total - 1]
+def chosen_layers(layers: int | list[int] | None, total: int) -> list[int]:
+    """`distill.student.layers` as indices into the teacher's `total` layers: a count is spread evenly."""
+    from textclass.models.surgery import evenly_spaced
+
+    if isinstance(layers, int):
+        if layers > total:
+            raise UserError(f"distill.student.layers: {layers} layers asked, the teacher has {total}; give at most {total}")
+        return evenly_spaced(total, layers)
+    chosen = list(layers or [])
+    if not chosen or chosen[-1] >= total:
+        raise UserError(
+            f"distill.student.layers: {chosen} asks for layer {chosen[-1] if chosen else '?'}; the teacher has 0 to {total - 1}"
+        )
+    return chosen
 
 
 def hidden_matches(cfg: Config, teacher: TextModel) -> list[tuple[int, int]]:
@@ -311,9 +318,7 @@ def hidden_matches(cfg: Config, teacher: TextModel) -> list[tuple[int, int]]:
         return [tuple(m) for m in d.hidden_matches]  # type: ignore[misc]
     from textclass.models.surgery import transformer_layers
 
-    layers = d.student.layers
-    chosen = spread_layers(layers, len(transformer_layers(teacher.network))) if isinstance(layers, int) else list(layers or [])
-    return list(enumerate(chosen))
+    return list(enumerate(chosen_layers(d.student.layers, len(transformer_layers(teacher.network)))))
 
 
 class HiddenMatcher:

@@ -97,6 +97,12 @@ class EnsembleModel(TextModel):
     def enable_gradient_checkpointing(self) -> None:
         raise UserError("a k-fold ensemble is not trained as one model; its folds are trained one by one")
 
+    def standalone(self) -> None:
+        raise UserError(
+            "a k-fold run holds one model per fold: build a student from one fold's run directory (folds/fold-1), "
+            "or distil the whole ensemble into a student of its own (without student.from_teacher)"
+        )
+
     def merge_adapter(self) -> None:
         raise UserError(
             "export --merge: a k-fold run holds one adapter per fold and is not merged into one run directory; "
