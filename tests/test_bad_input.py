@@ -139,6 +139,16 @@ CASES: list[Case] = [
     ("export over the run dir", lambda w: ["export", "--model", w["run"], "--output", w["run"]], ("run",)),
     ("export into other files", lambda w: ["export", "--model", w["run"], "--output", w["root"] / "unrelated"], ("unrelated",)),
     ("export damaged weights", lambda w: ["export", "--model", w["damaged"], "--output", w["root"] / "onnx-out"], ("missing or damaged",)),
+    # -- distill ----------------------------------------------------------------------------------------------
+    ("distill without --teacher", lambda w: ["distill", "--output", w["root"] / "s"], ("--teacher",)),
+    ("distill teacher not a run", lambda w: ["distill", "-t", w["root"] / "unrelated", "-o", w["root"] / "s"], ("not a textclass run",)),
+    ("distill into the teacher", lambda w: ["distill", "-t", w["run"], "-o", w["run"], "--overwrite"], ("teacher run", "another --output")),
+    ("distill other labels", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", f"data.train={w['root'] / 'unknown_label.csv'}"], ("other labels",)),
+    ("distill unlabeled missing", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", f"data.unlabeled={w['root'] / 'nope.csv'}"], ("data.unlabeled", "nope.csv")),
+    ("distill layers past the teacher", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", "distill.student={from_teacher: true, layers: [0, 5]}"], ("distill.student.layers",)),
+    ("distill from_teacher and a model", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", "distill.student={from_teacher: true, layers: 1}", "--set", "model.dropout=0.2"], ("model", "from_teacher")),
+    ("distill alpha above 1", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", "distill.alpha=1.5"], ("distill.alpha",)),
+    ("unlabeled texts in train", lambda w: _train(w, "--set", "data.unlabeled=x.csv"), ("data.unlabeled", "textclass distill")),
     # -- data -----------------------------------------------------------------------------------------------
     ("data export unknown set", lambda w: ["data", "export", "no-such-set", w["root"] / "out"], ("no-such-set",)),
 ]

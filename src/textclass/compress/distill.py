@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from textclass.config import Config, DataConfig, build_config, read_config_file
+from textclass.config import Config, DataConfig, apply_overrides, build_config, read_config_file
 from textclass.data.builtin import is_builtin, load_builtin
 from textclass.data.frames import text_columns
 from textclass.data.labels import LabelSet
@@ -59,7 +59,8 @@ def distill_config(
 ) -> Config:
     """The student's config: `config` (a file, a dict or nothing) with the teachers in `distill.teachers`.
 
-    A config without a `data` section trains on the first teacher's data; with `distill.student.from_teacher`
+    A config whose data section names no data (`train` or `dataset`) trains on the first teacher's data, its
+    own data keys (e.g. `unlabeled`) on top; with `distill.student.from_teacher`
     the model section is the teacher's (and a config that gives one is refused: the student is that model).
     """
     raw: dict[str, Any]
@@ -74,13 +75,15 @@ def distill_config(
         distill["teachers"] = [str(t) for t in teachers]
     if output is not None:
         raw.setdefault("training", {})["output_dir"] = str(output)
+    raw = apply_overrides(raw, overrides or [])  # first, so that a --set model.x counts as a model section
     listed = distill.get("teachers") if isinstance(distill, dict) else None
     first = check_run_dir(listed[0]) if listed else None
-    if first is not None and "data" not in raw:
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else None
+    if first is not None and (data is None or not (data.get("train") or data.get("dataset"))):
         from textclass.rundir import read_run_config
 
-        raw["data"] = read_run_config(first).data.model_dump(mode="json")
-    cfg = build_config(raw, overrides, source=str(config) if isinstance(config, (str, Path)) else "config")
+        raw["data"] = read_run_config(first).data.model_dump(mode="json") | (data or {})
+    cfg = build_config(raw, source=str(config) if isinstance(config, (str, Path)) else "config")
     if cfg.distill is None or not cfg.distill.teachers:
         raise UserError("distill.teachers: no teacher run; pass --teacher RUN (a run directory `textclass train` wrote)")
     if cfg.distill.student.from_teacher and "model" in raw:
