@@ -45,7 +45,15 @@ from textclass.models.base import TextModel
 from textclass.models.ensemble import mean_logits
 from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, ONNX_DIR, TENSORBOARD_DIR, check_run_dir, load_model, read_metrics
 from textclass.training.losses import DistillationLoss
-from textclass.training.run import TrainResult, build_loss, build_model, start_run, train_run, vocabulary_texts
+from textclass.training.run import (
+    TrainResult,
+    build_loss,
+    build_model,
+    default_run_dir,
+    start_run,
+    train_run,
+    vocabulary_texts,
+)
 from textclass.training.trainer import ExtraTargets
 
 log = logging.getLogger("textclass")
@@ -101,13 +109,16 @@ def run_distillation(cfg: Config, resume: bool = False, overwrite: bool = False)
     is touched.
     """
     d = cfg.distill
-    assert d is not None and d.teachers, "distill_config fills in the teachers"
+    if d is None or not d.teachers:
+        raise UserError("distill.teachers: no teacher run; pass --teacher RUN (a run directory `textclass train` wrote)")
     paths = [check_run_dir(t) for t in d.teachers]
     teachers = [load_model(p) for p in paths]
     student: TextModel | None = None
     if d.student.from_teacher:
         student = student_from_teacher(paths[0], d.student.layers)
         cfg.model = student.cfg.model.model_copy(deep=True)
+    if not cfg.training.output_dir:
+        cfg.training.output_dir = f"{default_run_dir(cfg)}-student"
     family, run_dir, changes, data = start_run(cfg, resume)
     _check_output(run_dir, paths)
     columns = _teacher_columns(teachers, paths, data.labels)
