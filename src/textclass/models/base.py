@@ -133,8 +133,15 @@ class TextModel:
         params = list(self.network.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
-    def shape_changed(self) -> None:
-        """Called after surgery changed the network's shape (`models.surgery`): drop anything recorded about it."""
+    def replace_tokenizer(self, tokenizer: Any) -> None:
+        """Encode with another tokenizer from now on (vocabulary pruning); families that cache what they
+        built on the tokenizer drop it here."""
+        self.tokenizer = tokenizer
+
+    def prepare_surgery(self) -> None:
+        """Make the network plain layers whose every weight the run directory saves, before surgery
+        (`models.surgery`) changes them; families that save only part of the network (adapters, a head)
+        override this. Nothing to do by default."""
 
     def enable_gradient_checkpointing(self) -> None:
         """`training.gradient_checkpointing`: recompute the transformer's activations in the backward pass.

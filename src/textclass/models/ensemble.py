@@ -89,6 +89,9 @@ class EnsembleModel(TextModel):
         counts = [m.parameter_counts() for m in self.members]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
+    def prepare_surgery(self) -> None:
+        raise UserError("a k-fold run is K models: prune one fold's run directory (folds/fold-N), not the ensemble")
+
     def enable_gradient_checkpointing(self) -> None:
         raise UserError("a k-fold ensemble is not trained as one model; its folds are trained one by one")
 

@@ -138,8 +138,13 @@ def build_model(cfg: Config, family: Family, data: PreparedData, vocabulary: lis
     if getattr(cfg.model, "noisytune", 0.0):
         n = apply_noisytune(model.network, cfg.model.noisytune, cfg.training.seed)  # type: ignore[union-attr]
         log.info("NoisyTune: perturbed %d pretrained tensors (lambda %.3g)", n, cfg.model.noisytune)  # type: ignore[union-attr]
+    return model, run_loss(cfg, data)
+
+
+def run_loss(cfg: Config, data: PreparedData) -> nn.Module:
+    """The loss `cfg.training` asks for, its class weights from `data.train`'s labels."""
     t = cfg.training
-    loss_fn = make_loss(
+    return make_loss(
         data.labels.multi_label,
         data.labels.num_labels,
         t.class_weights,
@@ -149,7 +154,6 @@ def build_model(cfg: Config, family: Family, data: PreparedData, vocabulary: lis
         focal_gamma=t.focal_gamma,
         poly_epsilon=t.poly_epsilon,
     )
-    return model, loss_fn
 
 
 def train_run(
