@@ -20,6 +20,7 @@ __all__ = [
     "load",
     "load_config",
     "merge",
+    "prune",
     "train",
     "zero_shot",
 ]
@@ -27,7 +28,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import textclass` (and `textclass --help`) must not pay for importing torch.
-    if name in ("Classifier", "distill", "evaluate", "load", "train", "zero_shot", "merge"):
+    if name in ("Classifier", "distill", "evaluate", "load", "train", "zero_shot", "merge", "prune"):
         from textclass import api
 
         return getattr(api, name)

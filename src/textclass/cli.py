@@ -264,6 +264,38 @@ def export(
 
 
 @app.command()
+@_interruptible
+def prune(
+    model: Path = typer.Option(..., "--model", "-m", help="Run directory to prune (encoder or llm family)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory to write the pruned model to."),
+    heads: float = typer.Option(0.0, help="Fraction of all attention heads to remove, least important first."),
+    ffn: float = typer.Option(0.0, help="Fraction of all FFN neurons to remove, least important first."),
+    layers: int | None = typer.Option(None, help="Keep this many layers, evenly spaced (first and last kept)."),
+    vocab: str | None = typer.Option(
+        None, help="Keep only the tokens of this data file's texts (`train`: the run's training data)."
+    ),
+    recover: int = typer.Option(0, help="Epochs of fine-tuning on the run's training data after pruning."),
+    iterations: int = typer.Option(1, help="Remove heads/neurons in this many steps, rescoring importance between them."),
+    samples: int = typer.Option(256, help="Training texts the importance of heads and neurons is measured on."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory at --output."),
+) -> None:
+    """Make a trained model smaller: remove heads, FFN neurons, layers and unused vocabulary (docs/prune.md)."""
+    from textclass.api import prune as api_prune
+
+    record = api_prune(model, output, heads, ffn, layers, vocab, recover, iterations, overwrite, samples)
+    b, a = record["before"], record["after"]
+    typer.echo("removed: " + (", ".join(f"{k} {v}" for k, v in record["removed"].items()) or "nothing"))
+    typer.echo(f"parameters: {b['parameters']:,} -> {a['parameters']:,}")
+    typer.echo(f"latency batch 1: {b['latency_ms_batch_1']:.1f} ms -> {a['latency_ms_batch_1']:.1f} ms")
+    typer.echo(f"latency batch 32: {b['latency_ms_batch_32']:.1f} ms -> {a['latency_ms_batch_32']:.1f} ms")
+    for split in ("valid", "test"):
+        old, new = b["metrics"].get(split, {}).get("accuracy"), a["metrics"].get(split, {}).get("accuracy")
+        if new is not None:
+            typer.echo(f"{split} accuracy: " + (f"{old:.4f} -> " if old is not None else "") + f"{new:.4f}")
+    typer.echo(f"run directory: {record['run_dir']}")
+
+
+@app.command()
 def serve(
     model: Path = typer.Option(..., "--model", "-m", help="Run directory."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback unless told otherwise)."),

@@ -5,34 +5,15 @@ to the same logits (encoder `linear` and `hf` heads, a grouped-query Llama fine-
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from surgery_helpers import LABELS, logits, make, widened
 
-from textclass.config import build_config
-from textclass.data.labels import LabelSet
 from textclass.errors import UserError
 from textclass.models import surgery
-from textclass.models.registry import get_family
 from textclass.rundir import STRUCTURE_FILE, load_model_parts
-
-LABELS = LabelSet(["food", "sport", "tech"], multi_label=False)
-TEXTS = ["match goal team", "software chip computer phone internet data code robot", "soup", "the recipe of the chef 我爱"]
-
-
-def widened(folder: Path, out: Path, **config: int) -> Path:
-    """A copy of a tiny model folder (its tokenizer) with a freshly initialised network of another shape."""
-    from transformers import AutoConfig, AutoModel
-
-    shutil.copytree(folder, out)
-    cfg = AutoConfig.from_pretrained(folder)
-    for k, v in config.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(1)
-    AutoModel.from_config(cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +30,6 @@ def llama_gqa(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """3 layers, 6 query heads over 2 key/value heads (3 per group), head size 8."""
     out = tmp_path_factory.mktemp("llama6") / "m"
     return widened(tiny_llama, out, num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8)
-
-
-def make(folder: Path, family: str = "encoder", **model: object) -> object:
-    extra = {"max_length": 48} | ({"finetune": "full", "dropout": 0.0} if family == "llm" else {})
-    cfg = build_config({"data": {"train": "x.csv"}, "model": {"family": family, "name": str(folder), **extra, **model}})
-    torch.manual_seed(0)
-    m = get_family(family).create(cfg, LABELS, [])
-    m.network.eval()  # type: ignore[attr-defined]
-    return m
-
-
-def logits(m: object, texts: list[str] = TEXTS) -> torch.Tensor:
-    with torch.no_grad():
-        batch = m.collate(m.features(texts))  # type: ignore[attr-defined]
-        return m.network(**batch)  # type: ignore[attr-defined]
 
 
 def zero_inputs(block: torch.nn.Module, path: str, columns: list[int]) -> None:

@@ -1,1 +1,3 @@
-"""Making trained models smaller and faster: distillation (distill.py) and structured pruning (prune.py)."""
+"""Compression of trained runs: distillation (`distill`: teachers -> a student) and structured pruning
+(`prune`). Each takes run directories and writes a new one; imports point down (models, training,
+evaluation), never up."""

@@ -299,7 +299,7 @@ def student_from_teacher(path: Path, layers: int | list[int] | None) -> TextMode
     from textclass.models.surgery import keep_layers, transformer_layers
 
     student = load_model(path)
-    student.standalone()
+    student.prepare_surgery()
     count = len(transformer_layers(student.network))
     chosen = chosen_layers(layers, count)
     keep_layers(student, chosen)

@@ -136,11 +136,6 @@ class TextModel:
 
         return batched_probabilities(self, forward, texts, pairs, batch_size, self.labels.num_labels, progress)
 
-    def standalone(self) -> None:
-        """Make every weight the network uses its own and trainable, so that it saves and trains as a full model
-        (a self-distilled student cut from this model). Families with adapters or frozen bases override this."""
-        self.network.requires_grad_(True)
-
     # -- persistence ------------------------------------------------------------------------------------
     def save_weights(self, run_dir: Path) -> None:
         """Write the network and tokenizer into `run_dir` (safetensors, no pickles); config and labels are
@@ -152,8 +147,15 @@ class TextModel:
         params = list(self.network.parameters())
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
-    def shape_changed(self) -> None:
-        """Called after surgery changed the network's shape (`models.surgery`): drop anything recorded about it."""
+    def replace_tokenizer(self, tokenizer: Any) -> None:
+        """Encode with another tokenizer from now on (vocabulary pruning); families that cache what they
+        built on the tokenizer drop it here."""
+        self.tokenizer = tokenizer
+
+    def prepare_surgery(self) -> None:
+        """Make the network plain layers whose every weight the run directory saves, before surgery
+        (`models.surgery`) changes them; families that save only part of the network (adapters, a head)
+        override this. Nothing to do by default."""
 
     def enable_gradient_checkpointing(self) -> None:
         """`training.gradient_checkpointing`: recompute the transformer's activations in the backward pass.

@@ -27,7 +27,7 @@ from textclass.models.base import OnnxSpec, TextModel
 from textclass.models.heads import multisample
 from textclass.models.pretrained import load_pretrained, package_file
 from textclass.models.registry import Family, register
-from textclass.models.surgery import load_structure, save_structure
+from textclass.models.surgery import find_transformer, load_structure, save_structure, structure
 from textclass.rundir import ENCODER_CONFIG_FILE, STRUCTURE_FILE, WEIGHTS_FILE
 
 if TYPE_CHECKING:  # transformers is imported where a model is built, not with this module
@@ -132,6 +132,11 @@ class EncoderModel(TextModel):
         return spec
 
     def onnx_fusion(self) -> dict[str, Any] | None:
+        shape = structure(self.network)
+        config = find_transformer(self.network).config
+        if shape is not None and any(layer["heads"] != config.num_attention_heads for layer in shape["layers"]):
+            # pruned heads: the fused attention would assume hidden_size / num_heads per head; generic optimisation
+            return None
         for m in self.network.modules():
             config = getattr(m, "config", None)
             if config is not None and getattr(config, "num_attention_heads", None):

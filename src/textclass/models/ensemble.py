@@ -94,14 +94,14 @@ class EnsembleModel(TextModel):
         counts = [m.parameter_counts() for m in self.members]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
+    def prepare_surgery(self) -> None:
+        raise UserError(
+            "a k-fold run is K models: prune (or build a student from) one fold's run directory (folds/fold-N), "
+            "or distil the ensemble into a student of its own"
+        )
+
     def enable_gradient_checkpointing(self) -> None:
         raise UserError("a k-fold ensemble is not trained as one model; its folds are trained one by one")
-
-    def standalone(self) -> None:
-        raise UserError(
-            "a k-fold run holds one model per fold: build a student from one fold's run directory (folds/fold-1), "
-            "or distil the whole ensemble into a student of its own (without student.from_teacher)"
-        )
 
     def merge_adapter(self) -> None:
         raise UserError(

@@ -107,8 +107,10 @@ def keep_layers(model: TextModel, layers: list[int]) -> None:
     """Keep only the transformer blocks `layers` (indices into the current list, kept in ascending order), in place.
 
     The config's `num_hidden_layers` (and `layer_types` where the config has it) follow, so the saved run
-    builds the same network; each block's `layer_idx` is renumbered (KV caches index by it).
+    builds the same network; each block's `layer_idx` is renumbered (KV caches index by it). The model is
+    first made one that saves all its weights (`TextModel.prepare_surgery`: a LoRA run is merged).
     """
+    model.prepare_surgery()
     body = find_transformer(model.network)
     blocks = transformer_layers(model.network)
     n = len(blocks)
@@ -126,7 +128,6 @@ def keep_layers(model: TextModel, layers: list[int]) -> None:
     types = getattr(config, "layer_types", None)
     if isinstance(types, list) and len(types) == n:
         config.layer_types = [types[i] for i in wanted]
-    model.shape_changed()
 
 
 def evenly_spaced(n: int, keep: int) -> list[int]:
@@ -180,6 +181,11 @@ def num_heads(block: nn.Module) -> int:
     layout = layout_of(block)
     attention = _attention(block, layout)
     return _linear(attention, layout.qkv[0]).out_features // head_size(attention)
+
+
+def shares_kv(block: nn.Module) -> bool:
+    """Whether query heads share key/value heads (Llama-style attention with `num_key_value_groups`)."""
+    return hasattr(_attention(block, layout_of(block)), "num_key_value_groups")
 
 
 def kv_groups(block: nn.Module) -> int:
@@ -284,10 +290,13 @@ def apply_structure(network: nn.Module, shape: dict[str, Any]) -> None:
             f"{STRUCTURE_FILE}: {len(shape['layers'])} layers, the config {len(blocks)}; the run directory is damaged"
         )
     for block, layer in zip(blocks, shape["layers"], strict=True):
-        heads, groups = num_heads(block), kv_groups(block)
-        if layer["heads"] != heads:
-            kv, per = heads // groups, int(layer["heads"]) // (heads // groups)
-            slice_heads(block, [g * groups + i for g in range(kv) for i in range(per)])
+        heads, want = num_heads(block), int(layer["heads"])
+        if want != heads and shares_kv(block):  # the first `per` query heads of each key/value group
+            groups = kv_groups(block)
+            kv = heads // groups
+            slice_heads(block, [g * groups + i for g in range(kv) for i in range(want // kv)])
+        elif want != heads:
+            slice_heads(block, list(range(want)))
         if layer["ffn"] != ffn_width(block):
             slice_ffn(block, list(range(int(layer["ffn"]))))
 

@@ -198,7 +198,7 @@ def train_run(
         # Reports come from the weights exactly as saved and loaded back, in fp32 without autocast: what
         # `evaluate`, `predict` and `serve` will compute, not the training-time (possibly bf16) forward.
         saved = load_model_parts(run_dir, cfg, data.labels)
-        reports, probs = _reports(run_dir, data, saved)
+        reports, probs = split_reports(run_dir, data, saved)
         metrics.update({split: r["metrics"] for split, r in reports.items()})
         plot_training_curves(history, run_dir / TRAINING_CURVES_FILE)
         if not cfg.training.keep_checkpoints:
@@ -229,7 +229,7 @@ def check_metric_fits_task(cfg: Config, multi_label: bool) -> None:
         )
 
 
-def _reports(run_dir: Path, data: PreparedData, model: TextModel) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+def split_reports(run_dir: Path, data: PreparedData, model: TextModel) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Valid (after threshold tuning, which it drives) and test reports of the saved model, and its probabilities."""
     cfg, labels, batch_size = model.cfg, model.labels, model.cfg.training.eval_batch_size
     valid_probs = model.predict_proba(*text_columns(data.valid), batch_size=batch_size)

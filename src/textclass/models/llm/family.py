@@ -97,7 +97,20 @@ class LLMModel(TextModel):
         counts = self.record.get("parameters")
         return (int(counts["all"]), int(counts["trainable"])) if counts else super().parameter_counts()
 
-    def shape_changed(self) -> None:
+    def replace_tokenizer(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.__dict__.pop("prompt", None)  # the cached prompt encoder holds the old tokenizer
+
+    def prepare_surgery(self) -> None:
+        """Surgery changes the base model's own weights, so the run must save them all: a LoRA run is merged,
+        a head-only run becomes a full fine-tune (its body trainable, for a recovery fine-tune)."""
+        if self.mcfg.head == "lm":
+            raise UserError("a zero-shot run (head: lm) has no trained weights to prune; train a head first")
+        if self.mcfg.finetune == "lora":
+            self.merge_adapter()
+        self.mcfg.finetune = "full"
+        self.record["finetune"] = "full"
+        self.body.requires_grad_(True)
         self.record.pop("parameters", None)  # counted again from the network when saved
 
     def merge_adapter(self) -> None:
@@ -111,18 +124,6 @@ class LLMModel(TextModel):
             self.network.body = self.body.merge_and_unload()
         self.mcfg.finetune = "full"
         self.record["finetune"] = "full"
-
-    def standalone(self) -> None:
-        """A full fine-tune of the same function: LoRA adapters merged, a frozen (head-only) body made the
-        model's own; the weights are then all saved (`finetune: full`), none taken from the base model."""
-        if self.mcfg.head == "lm":
-            raise UserError("a zero-shot run (head: lm) has no trained classifier to build a student from; train a head first")
-        if self.mcfg.finetune == "lora":
-            self.merge_adapter()
-        self.mcfg.finetune = "full"
-        self.record["finetune"] = "full"
-        self.record.pop("parameters", None)  # counted again when saved
-        super().standalone()
 
     # -- ONNX -------------------------------------------------------------------------------------------
     def onnx_spec(self, sample_batch: dict[str, torch.Tensor]) -> OnnxSpec:
