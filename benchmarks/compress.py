@@ -7,7 +7,7 @@ Parts (`--part`):
   paragraphs (text no split uses). Students: fastText and TextCNN, plain / distilled / distilled with the
   unlabeled texts; MiniLM with 3 of its 6 layers (plain: the copied layers fine-tuned on the labels;
   distilled: logits + hidden states); MiniLM with half its heads and FFN neurons pruned (+1 recovery
-  epoch); MiniLM with its vocabulary pruned to the training texts' tokens; a 5-fold MiniLM ensemble
+  epoch, plain or distilled from the unpruned teacher); MiniLM with its vocabulary pruned to the training texts' tokens; a 5-fold MiniLM ensemble
   distilled into one MiniLM.
 - `zh`: chinese-reviews, 1,000 labeled training rows: a 5-fold TextCNN ensemble (the tricks benchmark's
   best small model) distilled into one fastText, with the other training texts (up to 5,000) unlabeled.
@@ -64,6 +64,7 @@ BBC: dict[str, tuple[str, dict[str, Any]]] = {
         {"distill": {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0, "student": {"from_teacher": True, "layers": 3}}},
     ),
     "minilm-pruned-heads+ffn": ("prune", {"heads": 0.5, "ffn": 0.5, "recover": 1}),
+    "minilm-pruned-heads+ffn-distilled": ("prune", {"heads": 0.5, "ffn": 0.5, "recover": 1, "recover_from_teacher": True}),
     "minilm-pruned-vocab": ("prune", {"vocab": True}),
     "minilm-kfold5-to-one": ("distill", {"teacher": "kfold", "model": MINILM, "distill": {"alpha": 0.5, "temperature": 2.0}}),
 }

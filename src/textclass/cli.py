@@ -275,6 +275,9 @@ def prune(
         None, help="Keep only the tokens of this data file's texts (`train`: the run's training data)."
     ),
     recover: int = typer.Option(0, help="Epochs of fine-tuning on the run's training data after pruning."),
+    recover_from_teacher: bool = typer.Option(
+        False, "--recover-from-teacher", help="The recovery also learns the unpruned run's predictions (distillation)."
+    ),
     iterations: int = typer.Option(1, help="Remove heads/neurons in this many steps, rescoring importance between them."),
     samples: int = typer.Option(256, help="Training texts the importance of heads and neurons is measured on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory at --output."),
@@ -282,7 +285,7 @@ def prune(
     """Make a trained model smaller: remove heads, FFN neurons, layers and unused vocabulary (docs/prune.md)."""
     from textclass.api import prune as api_prune
 
-    record = api_prune(model, output, heads, ffn, layers, vocab, recover, iterations, overwrite, samples)
+    record = api_prune(model, output, heads, ffn, layers, vocab, recover, iterations, overwrite, samples, recover_from_teacher)
     b, a = record["before"], record["after"]
     typer.echo("removed: " + (", ".join(f"{k} {v}" for k, v in record["removed"].items()) or "nothing"))
     typer.echo(f"parameters: {b['parameters']:,} -> {a['parameters']:,}")

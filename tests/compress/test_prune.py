@@ -106,6 +106,24 @@ def test_recovery_fine_tunes_the_pruned_model(bert_run: Path, tmp_path: Path) ->
     assert Classifier.load(tmp_path / "rec").predict(PROBE)
 
 
+def test_recovery_from_teacher_distils_the_unpruned_run(bert_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import textclass.compress.distill as distill_mod
+
+    seen: list[tuple[str, int]] = []
+    original = distill_mod.teacher_logits
+
+    def spy(teachers, paths, columns, frame, batch_size):
+        seen.append((str(paths[0]), len(frame)))
+        return original(teachers, paths, columns, frame, batch_size)
+
+    monkeypatch.setattr(distill_mod, "teacher_logits", spy)
+    api.prune(bert_run, tmp_path / "rec", heads=0.5, recover=1, recover_from_teacher=True)
+    assert seen and seen[0][0] == str(bert_run)  # the unpruned run taught the recovery, once
+    assert Classifier.load(tmp_path / "rec").predict(PROBE)
+    proc = cli("prune", "-m", bert_run, "-o", tmp_path / "no", "--heads", "0.5", "--recover-from-teacher")
+    assert proc.returncode == 2 and "--recover" in proc.stderr and not (tmp_path / "no").exists()
+
+
 def test_a_lora_llm_run_is_merged_pruned_and_reloads(tiny_llama: Path, files: dict[str, Path], tmp_path: Path) -> None:
     cfg = tiny_llm_config(tiny_llama, files, tmp_path / "llm", epochs=1)
     run = Path(train(cfg).run_dir)

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from textclass.config import Config, DataConfig, apply_overrides, build_config, read_config_file
+from textclass.config import Config, DataConfig, DistillConfig, apply_overrides, build_config, read_config_file
 from textclass.data.builtin import is_builtin, load_builtin
 from textclass.data.frames import text_columns
 from textclass.data.labels import LabelSet
@@ -132,12 +132,10 @@ def run_distillation(cfg: Config, resume: bool = False, overwrite: bool = False)
         hard = build_loss(cfg, data)
     loss = DistillationLoss(hard, d.alpha, d.temperature, data.labels.multi_label)
     pool = _training_pool(data, unlabeled)
-    logits = teacher_logits(teachers, paths, columns, pool, cfg.training.eval_batch_size)
-    labeled = np.arange(len(pool)) < len(data.train)
     matcher = None
     if d.student.from_teacher and d.hidden_weight > 0:
         matcher = HiddenMatcher(student.network, teachers[0].network, hidden_matches(cfg, teachers[0]), d.hidden_weight)
-    extra = ExtraTargets({"teacher_logits": logits, "labeled": labeled}, auxiliary_loss=matcher)
+    extra = soft_label_targets(teachers, paths, columns, pool, len(data.train), cfg.training.eval_batch_size, matcher)
     record = {"distill": _record(cfg, paths, teachers, len(data.train), len(unlabeled))}
     log.info(
         "distilling %d teacher(s) into a %s student: %d labeled + %d unlabeled texts, alpha %.2g, T %.2g",
@@ -178,6 +176,31 @@ def _teacher_columns(teachers: list[TextModel], paths: list[Path], labels: Label
             )
         out.append([names.index(n) for n in labels.names])
     return out
+
+
+def soft_label_targets(
+    teachers: list[TextModel],
+    paths: list[Path],
+    columns: list[list[int]],
+    frame: pd.DataFrame,
+    labeled: int,
+    batch_size: int,
+    auxiliary_loss: HiddenMatcher | None = None,
+) -> ExtraTargets:
+    """What a distilled student learns from besides its labels: the teachers' logits for every row of `frame`
+    (the first `labeled` rows have gold labels, the rest none) and, for self-distillation, the hidden matches."""
+    logits = teacher_logits(teachers, paths, columns, frame, batch_size)
+    return ExtraTargets({"teacher_logits": logits, "labeled": np.arange(len(frame)) < labeled}, auxiliary_loss=auxiliary_loss)
+
+
+def distillation_from(source: Path, data: PreparedData, hard: nn.Module, batch_size: int) -> tuple[nn.Module, ExtraTargets]:
+    """The loss and targets of training on `data.train` with the run at `source` as teacher, at the default
+    alpha and temperature (pruning's `--recover-from-teacher`: the unpruned model teaches the pruned one)."""
+    teacher = load_model(source)
+    columns = _teacher_columns([teacher], [source], data.labels)
+    defaults = DistillConfig()
+    loss = DistillationLoss(hard, defaults.alpha, defaults.temperature, data.labels.multi_label)
+    return loss, soft_label_targets([teacher], [source], columns, data.train, len(data.train), batch_size)
 
 
 def _teacher_fingerprint(path: Path) -> str:

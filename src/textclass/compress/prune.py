@@ -53,7 +53,8 @@ class PruneOptions:
     """What to remove. `heads`/`ffn`: fractions of all heads / FFN neurons; `layers`: how many layers to keep;
     `vocab`: a data file whose texts the vocabulary must cover (None: keep it); `recover`: fine-tuning epochs
     after pruning; `iterations`: heads/FFN removed in this many equal steps, rescored in between;
-    `samples`: training texts the importance is measured on."""
+    `samples`: training texts the importance is measured on; `recover_from_teacher`: the recovery also
+    distils the unpruned run's predictions (docs/distill.md)."""
 
     heads: float = 0.0
     ffn: float = 0.0
@@ -62,6 +63,7 @@ class PruneOptions:
     recover: int = 0
     iterations: int = 1
     samples: int = 256
+    recover_from_teacher: bool = False
 
     def check(self) -> None:
         """The options alone (before any model is read): one line naming the option and the fix."""
@@ -70,6 +72,8 @@ class PruneOptions:
                 raise UserError(f"--{name} {value}: a fraction to remove, in [0, 1) (e.g. 0.5 removes half)")
         if self.layers is not None and self.layers < 1:
             raise UserError(f"--layers {self.layers}: the number of layers to keep, at least 1")
+        if self.recover_from_teacher and not self.recover:
+            raise UserError("--recover-from-teacher: give the recovery's length too, e.g. --recover 1")
         if self.iterations < 1 or self.recover < 0 or self.samples < 1:
             raise UserError("--iterations and --samples must be at least 1 and --recover at least 0")
         if not (self.heads or self.ffn or self.layers is not None or self.vocab is not None):
@@ -151,18 +155,24 @@ def prune_heads_and_ffn(
     }
 
 
-def recover(model: TextModel, data: PreparedData, epochs: int, workdir: Path) -> TextModel:
-    """The recovery fine-tune: `epochs` of the run's own training on its data, through the training path.
+def recover(model: TextModel, data: PreparedData, epochs: int, workdir: Path, teacher: Path | None = None) -> TextModel:
+    """The recovery fine-tune: `epochs` of the run's own training on its data, through the training path;
+    with a `teacher` (the unpruned run) distilled from it as well (`compress.distill`, default alpha and T).
 
-    One call, so that distillation from the unpruned model can take its place. Trains into `workdir` (an
-    ordinary run directory) and returns the kept weights as saved and loaded back, with the model's config.
+    Trains into `workdir` (an ordinary run directory) and returns the kept weights as saved and loaded back,
+    with the model's config.
     """
     cfg = model.cfg.model_copy(deep=True)
     cfg.training.epochs = epochs
     cfg.training.max_steps = -1  # epochs, not the run's step count
     cfg.training.output_dir = str(workdir)
     original, model.cfg = model.cfg, cfg
-    train_run(model, build_loss(cfg, data), data, workdir, overwrite=True)
+    loss, extra = build_loss(cfg, data), None
+    if teacher is not None:
+        from textclass.compress.distill import distillation_from
+
+        loss, extra = distillation_from(teacher, data, loss, cfg.training.eval_batch_size)
+    train_run(model, loss, data, workdir, overwrite=True, extra=extra)
     trained = load_model_parts(workdir, cfg, data.labels)
     trained.cfg = original
     return trained
@@ -198,7 +208,8 @@ def prune_run(model_dir: str | Path, output: str | Path, options: PruneOptions, 
         )
     prepare_run_dir(out, resume=False, overwrite=overwrite)  # every check passed: now the output is written
     if options.recover:
-        model = recover(model, data, options.recover, out / CHECKPOINTS_DIR / "recover")
+        teacher = source if options.recover_from_teacher else None
+        model = recover(model, data, options.recover, out / CHECKPOINTS_DIR / "recover", teacher)
     if vocab_texts is not None:
         sizes = prune_vocabulary(model, *vocab_texts)
         removed["vocabulary"] = sizes["before"] - sizes["after"]
