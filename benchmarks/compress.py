@@ -70,6 +70,7 @@ BBC: dict[str, tuple[str, dict[str, Any]]] = {
 }
 ZH: dict[str, tuple[str, dict[str, Any]]] = {
     "fasttext": ("train", {"model": {"family": "small", "arch": "fasttext"}}),
+    "fasttext-distilled": ("distill", {"model": {"family": "small", "arch": "fasttext"}, "distill": SMALL_DISTILL}),
     "fasttext-distilled+unlabeled": (
         "distill",
         {"model": {"family": "small", "arch": "fasttext"}, "distill": SMALL_DISTILL, "unlabeled": True},

@@ -218,3 +218,21 @@ def test_cli_prints_how_much_of_the_teacher_the_student_keeps(world: dict, tmp_p
     proc = run("distill", "--teacher", world["teacher"], "--config", tmp_path / "student.yaml", "--output", tmp_path / "s")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "the student keeps" in proc.stdout and "run directory:" in proc.stdout
+
+
+def test_a_built_in_set_offers_its_training_texts_this_run_does_not_use() -> None:
+    from textclass.config import DataConfig
+    from textclass.data.builtin import load_builtin
+    from textclass.data.labels import LabelSet
+    from textclass.data.prepare import PreparedData
+    from textclass.compress.distill import unlabeled_texts
+
+    pool = load_builtin("chinese-reviews")["train"]
+    used = pool.head(300).assign(labels=lambda d: d["label"].map(lambda x: [x]))[["text", "labels"]]
+    labels = LabelSet.from_labels(used["labels"], False)
+    data = PreparedData(train=used.iloc[:200], valid=used.iloc[200:250], test=used.iloc[250:], labels=labels)
+    got = unlabeled_texts(DataConfig(dataset="chinese-reviews", unlabeled="chinese-reviews", unlabeled_limit=500), data)
+    assert len(got) == 500 and list(got.columns) == ["text"]
+    assert not set(got["text"]) & set(used["text"])  # none of this run's train, valid or test texts
+    everything = unlabeled_texts(DataConfig(dataset="chinese-reviews", unlabeled="chinese-reviews"), data)
+    assert len(everything) == len(pool) - 300
