@@ -50,6 +50,10 @@ def _from_step(schedule: Callable[[int], float], start: int, value: float) -> Ca
 class ClassifierTrainer(Trainer):
     """Trainer whose loss is textclass's loss factory applied to the model's logits."""
 
+    # Distillation's extras (see `ExtraTargets`); none in a plain run.
+    target_keys: tuple[str, ...] = ()
+    auxiliary_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+
     def __init__(
         self,
         *args: Any,
