@@ -78,7 +78,9 @@ def distill_config(
         raw = read_config_file(config)[0]
     else:
         raw = {}
-    distill = raw.setdefault("distill", {}) if isinstance(raw.get("distill", {}), dict) else raw["distill"]
+    if raw.get("distill") is None:  # absent, or `distill:` left empty in the YAML file
+        raw["distill"] = {}
+    distill = raw["distill"]
     if teachers and isinstance(distill, dict):
         distill["teachers"] = [str(t) for t in teachers]
     if output is not None:
@@ -234,8 +236,13 @@ def teacher_logits(
     logits = outputs[0] if len(outputs) == 1 else mean_logits([torch.from_numpy(o) for o in outputs], first.multi_label).numpy()
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cached, lambda tmp: np.save(tmp.open("wb"), logits))
+    atomic_write(cached, lambda tmp: _save_array(tmp, logits))
     return logits
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # a file object: np.save given a name would append ".npy" to it
+        np.save(f, array)
 
 
 def _record(cfg: Config, paths: list[Path], teachers: list[TextModel], n_labeled: int, n_unlabeled: int) -> dict[str, Any]:
