@@ -140,7 +140,7 @@ def job(args: argparse.Namespace, variant: str, seed: int, files: dict[str, str]
         if spec.get("model") == MINILM or spec["distill"].get("student", {}).get("from_teacher"):
             cfg["training"] = {**MINILM_TRAINING, **training}
         return {"kind": kind, "teachers": [teacher], "config": cfg}
-    options = {k: v for k, v in spec.items() if k != "vocab"}
+    options = {k: v for k, v in spec.items() if k != "vocab"} | ({"seed": seed} if spec.get("recover") else {})
     if spec.get("vocab"):
         options["vocab"] = files["train"]
     return {"kind": kind, "model": teacher, "output": str(out), "options": options, "seed": seed}

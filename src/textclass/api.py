@@ -205,17 +205,18 @@ def prune(
     overwrite: bool = False,
     samples: int = 256,
     recover_from_teacher: bool = False,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Structured pruning of a trained encoder or LLM run into a new run directory (docs/prune.md).
 
     `heads`/`ffn`: fractions of all attention heads / FFN neurons to remove, least important first;
     `layers`: keep this many layers, evenly spaced; `vocab`: a data file (or `"train"`) whose texts the smaller
     vocabulary must still encode; `recover`: epochs of fine-tuning afterwards; `iterations`: prune in this
-    many steps; `recover_from_teacher`: the recovery also distils the unpruned run. Returns the record
-    written as `prune.json` (removed units, parameters, size, latency and metrics before and after) plus
-    `run_dir`.
+    many steps; `recover_from_teacher`: the recovery also distils the unpruned run; `seed`: the recovery's
+    (default: the run's). Returns the record written as `prune.json` (removed units, parameters, size,
+    latency and metrics before and after) plus `run_dir`.
     """
     from textclass.compress.prune import PruneOptions, prune_run
 
-    options = PruneOptions(heads, ffn, layers, vocab, recover, iterations, samples, recover_from_teacher)
+    options = PruneOptions(heads, ffn, layers, vocab, recover, iterations, samples, recover_from_teacher, seed)
     return prune_run(model_dir, output, options, overwrite=overwrite)

@@ -279,13 +279,27 @@ def prune(
         False, "--recover-from-teacher", help="The recovery also learns the unpruned run's predictions (distillation)."
     ),
     iterations: int = typer.Option(1, help="Remove heads/neurons in this many steps, rescoring importance between them."),
+    seed: int | None = typer.Option(None, help="Seed of the recovery fine-tune (default: the run's training.seed)."),
     samples: int = typer.Option(256, help="Training texts the importance of heads and neurons is measured on."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory at --output."),
 ) -> None:
     """Make a trained model smaller: remove heads, FFN neurons, layers and unused vocabulary (docs/prune.md)."""
     from textclass.api import prune as api_prune
 
-    record = api_prune(model, output, heads, ffn, layers, vocab, recover, iterations, overwrite, samples, recover_from_teacher)
+    record = api_prune(
+        model,
+        output,
+        heads=heads,
+        ffn=ffn,
+        layers=layers,
+        vocab=vocab,
+        recover=recover,
+        iterations=iterations,
+        overwrite=overwrite,
+        samples=samples,
+        recover_from_teacher=recover_from_teacher,
+        seed=seed,
+    )
     b, a = record["before"], record["after"]
     typer.echo("removed: " + (", ".join(f"{k} {v}" for k, v in record["removed"].items()) or "nothing"))
     typer.echo(f"parameters: {b['parameters']:,} -> {a['parameters']:,}")

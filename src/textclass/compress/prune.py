@@ -54,7 +54,7 @@ class PruneOptions:
     `vocab`: a data file whose texts the vocabulary must cover (None: keep it); `recover`: fine-tuning epochs
     after pruning; `iterations`: heads/FFN removed in this many equal steps, rescored in between;
     `samples`: training texts the importance is measured on; `recover_from_teacher`: the recovery also
-    distils the unpruned run's predictions (docs/distill.md)."""
+    distils the unpruned run's predictions (docs/distill.md); `seed`: the recovery's seed (default: the run's)."""
 
     heads: float = 0.0
     ffn: float = 0.0
@@ -64,6 +64,7 @@ class PruneOptions:
     iterations: int = 1
     samples: int = 256
     recover_from_teacher: bool = False
+    seed: int | None = None
 
     def check(self) -> None:
         """The options alone (before any model is read): one line naming the option and the fix."""
@@ -155,7 +156,9 @@ def prune_heads_and_ffn(
     }
 
 
-def recover(model: TextModel, data: PreparedData, epochs: int, workdir: Path, teacher: Path | None = None) -> TextModel:
+def recover(
+    model: TextModel, data: PreparedData, epochs: int, workdir: Path, teacher: Path | None = None, seed: int | None = None
+) -> TextModel:
     """The recovery fine-tune: `epochs` of the run's own training on its data, through the training path;
     with a `teacher` (the unpruned run) distilled from it as well (`compress.distill`, default alpha and T).
 
@@ -164,6 +167,8 @@ def recover(model: TextModel, data: PreparedData, epochs: int, workdir: Path, te
     """
     cfg = model.cfg.model_copy(deep=True)
     cfg.training.epochs = epochs
+    if seed is not None:
+        cfg.training.seed = seed
     cfg.training.max_steps = -1  # epochs, not the run's step count
     cfg.training.output_dir = str(workdir)
     original, model.cfg = model.cfg, cfg
@@ -209,7 +214,7 @@ def prune_run(model_dir: str | Path, output: str | Path, options: PruneOptions, 
     prepare_run_dir(out, resume=False, overwrite=overwrite)  # every check passed: now the output is written
     if options.recover:
         teacher = source if options.recover_from_teacher else None
-        model = recover(model, data, options.recover, out / CHECKPOINTS_DIR / "recover", teacher)
+        model = recover(model, data, options.recover, out / CHECKPOINTS_DIR / "recover", teacher, options.seed)
     if vocab_texts is not None:
         sizes = prune_vocabulary(model, *vocab_texts)
         removed["vocabulary"] = sizes["before"] - sizes["after"]
