@@ -96,6 +96,9 @@ def test_vocabulary_pruning_keeps_the_logits_of_the_covered_texts(bert_run: Path
     assert rows < before and record["removed"]["vocabulary"] == before - rows
     assert len(after.tokenizer) == rows  # tokenizer and embedding shrink together
     assert after.tokenizer.convert_ids_to_tokens(after.tokenizer("goal")["input_ids"]) == ["[CLS]", "goal", "[SEP]"]
+    # a word none of the texts has falls apart into kept characters, not into one [UNK]
+    unseen = after.tokenizer.tokenize("dcba")  # its pieces ##c ##b ##a occur in no text of the file
+    assert "[UNK]" not in unseen and "".join(t.removeprefix("##") for t in unseen) == "dcba"
 
 
 def test_recovery_fine_tunes_the_pruned_model(bert_run: Path, tmp_path: Path) -> None:

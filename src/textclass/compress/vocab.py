@@ -3,8 +3,9 @@ embedding matrix and rewrite the tokenizer's files to match, so those texts enco
 
 The tokenizer is rewritten at the level of its saved files (transformers 5 saves `tokenizer.json` and
 `tokenizer_config.json`; older layouts may add `vocab.txt`), since no library shrinks a trained tokenizer:
-- WordPiece / WordLevel: the vocabulary keeps the used tokens. WordPiece's greedy longest match then
-  picks the same pieces (the pieces it picked are kept; longer ones were absent before too).
+- WordPiece / WordLevel: the vocabulary keeps the used tokens (WordPiece: and every one-character piece,
+  so other texts degrade to characters, not [UNK]). WordPiece's greedy longest match then picks the same
+  pieces for the given texts (the pieces it picked are kept; longer ones were absent before too).
 - BPE: every used token, recursively the parts of every merge that produces a kept token, every
   single-character token (the byte-level base alphabet), and the merges whose parts and result are kept,
   in their old order. BPE applies the lowest-ranked applicable merge; every merge it applied is kept and
@@ -81,7 +82,16 @@ def kept_ids(model: TextModel, data: dict[str, Any], used: set[int]) -> list[int
     if data["model"]["type"] == "BPE":
         names = {t for t, i in vocab.items() if i in keep}
         keep |= {vocab[t] for t in _with_merge_parts(data, names)}
+    if data["model"]["type"] == "WordPiece":
+        keep |= {i for t, i in vocab.items() if _is_character(t, data["model"].get("continuing_subword_prefix", "##"))}
     return sorted(keep)
+
+
+def _is_character(token: str, prefix: str) -> bool:
+    """A WordPiece token of one character (`a`, `##a`): kept whatever the texts, so that a word of other
+    texts whose pieces were pruned still splits into characters instead of becoming [UNK] as a whole
+    (WordPiece gives up on a word with any piece it cannot match). About 2,000 rows in BERT's vocabulary."""
+    return len(token) == 1 or (token.startswith(prefix) and len(token) == len(prefix) + 1)
 
 
 def rewrite(data: dict[str, Any], keep: list[int]) -> dict[str, Any]:
