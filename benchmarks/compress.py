@@ -8,7 +8,7 @@ Parts (`--part`):
   unlabeled texts; MiniLM with 3 of its 6 layers (plain: the copied layers fine-tuned on the labels;
   distilled: logits + hidden states); MiniLM with half its heads and FFN neurons pruned (+1 recovery
   epoch, plain or distilled from the unpruned teacher); MiniLM with its vocabulary pruned to the
-  training texts' tokens; a 5-fold MiniLM ensemble distilled into one MiniLM.
+  tokens of the training texts and the unlabeled paragraphs; a 5-fold MiniLM ensemble distilled into one MiniLM.
 - `zh`: chinese-reviews, 1,000 labeled training rows: a 5-fold TextCNN ensemble (the tricks benchmark's
   best small model) distilled into one fastText, with the other training texts (up to 5,000) unlabeled.
 
@@ -98,6 +98,7 @@ def prepare(part: str, work: Path) -> dict[str, str]:
 
     files = {split: str(work / f"{split}.csv") for split in ("train", "valid", "test")}
     files["unlabeled"] = str(work / "unlabeled.csv")
+    files["vocab"] = str(work / "vocab.csv")  # the texts the pruned vocabulary covers: train + unlabeled
     if all(Path(f).is_file() for f in files.values()):
         return files
     splits = load_builtin("bbc-news" if part == "bbc" else "chinese-reviews")
@@ -111,11 +112,13 @@ def prepare(part: str, work: Path) -> dict[str, str]:
         rest.sample(n=min(5000, len(rest)), random_state=0)[["text"]].to_csv(files["unlabeled"], index=False)
     for split, df in splits.items():
         df.to_csv(files[split], index=False)
+    corpus = pd.concat([splits["train"][["text"]], pd.read_csv(files["unlabeled"])[["text"]]])
+    corpus.to_csv(files["vocab"], index=False)
     return files
 
 
 def teacher_config(part: str, files: dict[str, str], out: Path, kfold: int | None = None) -> dict[str, Any]:
-    data = {k: v for k, v in files.items() if k != "unlabeled"}
+    data = {k: v for k, v in files.items() if k not in ("unlabeled", "vocab")}
     training = {"output_dir": str(out), "seed": 42, "kfold": kfold}
     if part == "bbc":
         return {"data": data, "model": MINILM, "training": {**MINILM_TRAINING, **training}}
@@ -126,7 +129,7 @@ def job(args: argparse.Namespace, variant: str, seed: int, files: dict[str, str]
     """What the child runs for (variant, seed)."""
     kind, spec = (BBC if args.part == "bbc" else ZH)[variant]
     out = work / "runs" / f"{variant}-s{seed}"
-    data = {k: v for k, v in files.items() if k != "unlabeled"}
+    data = {k: v for k, v in files.items() if k not in ("unlabeled", "vocab")}
     if spec.get("unlabeled"):
         data["unlabeled"] = files["unlabeled"]
     teacher = str(work / ("teacher-kfold" if spec.get("teacher") == "kfold" else "teacher"))
@@ -142,7 +145,7 @@ def job(args: argparse.Namespace, variant: str, seed: int, files: dict[str, str]
         return {"kind": kind, "teachers": [teacher], "config": cfg}
     options = {k: v for k, v in spec.items() if k != "vocab"} | ({"seed": seed} if spec.get("recover") else {})
     if spec.get("vocab"):
-        options["vocab"] = files["train"]
+        options["vocab"] = files["vocab"]
     return {"kind": kind, "model": teacher, "output": str(out), "options": options, "seed": seed}
 
 
