@@ -114,8 +114,11 @@ def distill(
 ) -> None:
     """Train a student model on the soft labels of teacher runs (any family into any family)."""
     from textclass.api import distill as api_distill
+    from textclass.training import distributed
 
     result = api_distill(teacher, config, list(set_), output=output, resume=resume, overwrite=overwrite)
+    if not distributed.is_main_process():  # under torchrun rank 0 reports
+        return
     student = result.metrics.get("test") or result.metrics.get("valid") or {}
     split = "test" if "test" in result.metrics else "valid"
     for t in result.metrics["distill"]["teachers"]:
