@@ -65,10 +65,17 @@ def train(
     output: Path | None = typer.Option(None, "--output", "-o", help="Run directory (training.output_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in the run directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory."),
+    nproc: int | None = typer.Option(
+        None, "--nproc", help="Train with N processes on this machine (starts torchrun; docs/scaling.md)."
+    ),
 ) -> None:
     """Train a classifier and write its run directory."""
     from textclass.api import train as api_train
     from textclass.config import build_config, load_config
+    from textclass.training import distributed
+
+    if nproc is not None:
+        distributed.refuse_nproc(nproc)
 
     overrides = list(set_) + ([f"training.output_dir={output}"] if output else [])
     if resume and config is None and output is not None:
@@ -77,9 +84,13 @@ def train(
         cfg = build_config(load_pending_config(output), overrides, source=str(output))
     else:
         cfg = load_config(config, overrides)
+    if nproc is not None:  # the config is valid: the same command line, minus --nproc, in N processes
+        raise typer.Exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
     from textclass.evaluation import format_report
 
     result = api_train(cfg, resume=resume, overwrite=overwrite)
+    if not distributed.is_main_process():  # under torchrun rank 0 reports
+        return
     if "test" in result.reports:
         typer.echo(format_report(result.reports["test"], title=f"test ({cfg.data.test or cfg.data.dataset})"))
     for split, metrics in result.metrics.items():
@@ -103,8 +114,11 @@ def distill(
 ) -> None:
     """Train a student model on the soft labels of teacher runs (any family into any family)."""
     from textclass.api import distill as api_distill
+    from textclass.training import distributed
 
     result = api_distill(teacher, config, list(set_), output=output, resume=resume, overwrite=overwrite)
+    if not distributed.is_main_process():  # under torchrun rank 0 reports
+        return
     student = result.metrics.get("test") or result.metrics.get("valid") or {}
     split = "test" if "test" in result.metrics else "valid"
     for t in result.metrics["distill"]["teachers"]:
@@ -379,6 +393,20 @@ def data_export(name: str = typer.Argument(...), directory: Path = typer.Argumen
         typer.echo(str(p))
 
 
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` / `name=VALUE`."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
+
+
 def _usage_error_line(err: TyperException) -> str:
     """typer's usage error as one line that names the command and where its help is."""
     ctx = getattr(err, "ctx", None)
@@ -392,7 +420,8 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except UserError as err:
-        typer.echo(f"error: {err}", err=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops with rank 0's error: one line
+            typer.echo(f"error: {err}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except TyperException as err:  # usage errors: unknown option or command, bad or missing value
         typer.echo(_usage_error_line(err), err=True)

@@ -44,6 +44,7 @@ from textclass.fileio import atomic_write, cache_dir
 from textclass.models.base import TextModel
 from textclass.models.ensemble import mean_logits
 from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, ONNX_DIR, TENSORBOARD_DIR, check_run_dir, load_model, read_metrics
+from textclass.training import distributed
 from textclass.training.losses import DistillationLoss
 from textclass.training.run import (
     TrainResult,
@@ -110,6 +111,11 @@ def run_distillation(cfg: Config, resume: bool = False, overwrite: bool = False)
     Everything a user can get wrong (teacher folders, labels, data, layers) fails before the run directory
     is touched.
     """
+    with distributed.session():
+        return _distil(cfg, resume, overwrite)
+
+
+def _distil(cfg: Config, resume: bool, overwrite: bool) -> TrainResult:
     d = cfg.distill
     if d is None or not d.teachers:
         raise UserError("distill.teachers: no teacher run; pass --teacher RUN (a run directory `textclass train` wrote)")
@@ -191,7 +197,8 @@ def soft_label_targets(
 ) -> ExtraTargets:
     """What a distilled student learns from besides its labels: the teachers' logits for every row of `frame`
     (the first `labeled` rows have gold labels, the rest none) and, for self-distillation, the hidden matches."""
-    logits = teacher_logits(teachers, paths, columns, frame, batch_size)
+    with distributed.main_process_first():  # rank 0 computes and caches the logits, the other ranks read them
+        logits = teacher_logits(teachers, paths, columns, frame, batch_size)
     return ExtraTargets({"teacher_logits": logits, "labeled": np.arange(len(frame)) < labeled}, auxiliary_loss=auxiliary_loss)
 
 

@@ -41,6 +41,7 @@ from textclass.rundir import (
     write_parity_sample,
     write_run,
 )
+from textclass.training import distributed
 from textclass.training.resume import pending_config
 from textclass.training.run import build_loss, prepare_run_dir, split_reports, train_run
 
@@ -185,6 +186,8 @@ def recover(
 
 def prune_run(model_dir: str | Path, output: str | Path, options: PruneOptions, overwrite: bool = False) -> dict[str, Any]:
     """Prune a run directory into `output`; returns the prune record (also `output/prune.json`) with metrics."""
+    if distributed.launched():  # one process writes the pruned run; its short recovery needs no DDP
+        raise UserError("prune: runs in one process; start `textclass prune` without torchrun")
     source, out = check_run_dir(model_dir), Path(output)
     options.check()
     check_output(source, out, overwrite)

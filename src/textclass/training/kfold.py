@@ -60,6 +60,7 @@ from textclass.rundir import (
     write_parity_sample,
     write_run,
 )
+from textclass.training import distributed
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
 from textclass.training.run import TrainResult, build_model, prepare_run_dir, start_run, train_run, vocabulary_texts
 from textclass.training.trainer import tokenizer_fingerprint
@@ -71,8 +72,9 @@ def run_kfold_training(cfg: Config, resume: bool = False, overwrite: bool = Fals
     """`run.run_training` for a config with `training.kfold`: the K folds, then the ensemble's run directory."""
     if not cfg.training.kfold:
         raise ValueError("training.kfold is not set: train one model with textclass.training.run.run_training")
-    family, run_dir, changes, data = start_run(cfg, resume)
-    return run_kfold(cfg, family, data, run_dir, resume, overwrite, changes)
+    with distributed.session():
+        family, run_dir, changes, data = start_run(cfg, resume)
+        return run_kfold(cfg, family, data, run_dir, resume, overwrite, changes)
 
 
 def run_kfold(
@@ -99,11 +101,10 @@ def run_kfold(
         if todo
         else None
     )
-    created = prepare_run_dir(run_dir, resume=False, overwrite=overwrite) if not resume else False
+    created = distributed.on_main(_open_top, run_dir, resume, overwrite, cfg)
     tokenizer = None
     current = 0
     try:
-        save_config(cfg, pending_config(run_dir))
         for i in range(k):
             current = i + 1
             if finished[i]:
@@ -114,7 +115,7 @@ def run_kfold(
             built = None
             tokenizer = _same_tokenizer(model, tokenizer)
             go_on = resume and last_complete_checkpoint(dirs[i], quiet=True) is not None
-            if not go_on:
+            if not go_on and distributed.is_main_process():
                 shutil.rmtree(dirs[i], ignore_errors=True)  # leftovers of this run's own unfinished fold
             log.info(
                 "fold %d/%d: training on %d texts, validating on the %d it holds out%s",
@@ -128,12 +129,22 @@ def run_kfold(
             result = train_run(model, loss_fn, fold_data, dirs[i], resume=go_on, changes=fold_changes)
             threshold = model.cfg.evaluation.threshold  # the fold's own (tuned on its held-out texts, if asked)
             del model
-            rows = np.flatnonzero(folds == i)
-            _write_oof(dirs[i], fold_data.valid, rows, i, result.probabilities["valid"], data.labels, threshold)
+            if distributed.is_main_process():  # the other ranks go on to the next fold's training
+                rows = np.flatnonzero(folds == i)
+                _write_oof(dirs[i], fold_data.valid, rows, i, result.probabilities["valid"], data.labels, threshold)
         current = 0
+        if not distributed.is_main_process():  # rank 0 scores the ensemble and writes the top of the run
+            return TrainResult(run_dir, {"kfold": k}, {})
         return _finish(cfg, data, pool, folds, run_dir, changes)
     except (KeyboardInterrupt, Interrupted):
         raise Interrupted(_interrupted_message(run_dir, dirs, created, current, k)) from None
+
+
+def _open_top(run_dir: Path, resume: bool, overwrite: bool, cfg: Config) -> bool:
+    """The run directory prepared (a new run's; a resumed one is used as it is) and the config the run starts with."""
+    created = prepare_run_dir(run_dir, resume=False, overwrite=overwrite) if not resume else False
+    save_config(cfg, pending_config(run_dir))
+    return created
 
 
 def _fold_config(cfg: Config, run_dir: Path, i: int) -> Config:
@@ -280,7 +291,7 @@ def _interrupted_message(run_dir: Path, dirs: list[Path], created: bool, current
     where = f"fold {current}/{k}" if current else "after the last fold"
     if kept:
         return f"{where}: finished folds and checkpoints kept; continue with `textclass train --output {run_dir} --resume`"
-    if created:
+    if created and distributed.is_main_process():
         shutil.rmtree(run_dir, ignore_errors=True)
         return f"{where}: stopped before the first checkpoint; nothing was kept ({run_dir} removed)"
     return f"{where}: stopped before the first checkpoint; {run_dir} is as it was"

@@ -34,6 +34,7 @@ from textclass.rundir import (
     write_parity_sample,
     write_run,
 )
+from textclass.training import distributed
 from textclass.training.losses import make_loss
 from textclass.training.noisytune import apply_noisytune
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
@@ -98,9 +99,10 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     """
     if cfg.training.kfold:
         raise ValueError("training.kfold is set: train through textclass.training.kfold.run_kfold_training (or textclass.train)")
-    family, run_dir, changes, data = start_run(cfg, resume)
-    model, loss_fn = build_model(cfg, family, data, vocabulary_texts(data.train))
-    return train_run(model, loss_fn, data, run_dir, resume, overwrite, changes)
+    with distributed.session():
+        family, run_dir, changes, data = start_run(cfg, resume)
+        model, loss_fn = build_model(cfg, family, data, vocabulary_texts(data.train))
+        return train_run(model, loss_fn, data, run_dir, resume, overwrite, changes)
 
 
 def start_run(cfg: Config, resume: bool) -> tuple[Family, Path, dict[str, list[Any]], PreparedData]:
@@ -114,7 +116,7 @@ def start_run(cfg: Config, resume: bool) -> tuple[Family, Path, dict[str, list[A
     run_dir = Path(cfg.training.output_dir) if cfg.training.output_dir else default_run_dir(cfg)
     cfg.training.output_dir = str(run_dir)
     changes = check_resume_config(run_dir, cfg) if resume else {}
-    data = prepare_data(cfg.data)
+    data = distributed.on_main(prepare_data, cfg.data)  # read and split once; every rank gets rank 0's frames
     _log_data(data)
     check_metric_fits_task(cfg, data.labels.multi_label)
     return family, run_dir, changes, data
@@ -175,14 +177,20 @@ def train_run(
     Ctrl-C raises `Interrupted` saying what was kept.
     """
     cfg = model.cfg
-    created = prepare_run_dir(run_dir, resume, overwrite)
+    distributed.check_sparse_gradients(model.network, distributed.backend())
+    created = distributed.on_main(_open_run_dir, run_dir, resume, overwrite, cfg)
     try:
-        save_config(cfg, pending_config(run_dir))
-        train_ds, valid_ds = tokenize(model, data.train), tokenize(model, data.valid)
+        with distributed.main_process_first():  # rank 0 writes the tokenization cache, the others read it
+            train_ds, valid_ds = tokenize(model, data.train), tokenize(model, data.valid)
         trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn, extra)
-        trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_dir) if resume else None)
+        # Chosen by rank 0 (which removes half-written checkpoints), so every rank resumes from the same one.
+        checkpoint = distributed.on_main(last_complete_checkpoint, run_dir) if resume else None
+        trainer.train(resume_from_checkpoint=checkpoint)
         _log_kept(trainer, cfg)
         assert trainer.model is not None  # build_trainer gave it the model object's network
+        if not distributed.is_main_process():  # every rank holds the same weights; rank 0 writes the run
+            model.network = nn.Module()
+            return TrainResult(run_dir, {"train": _train_summary(trainer)}, {})
         model.network = trainer.model  # the kept weights (the Trainer loads the best checkpoint's into its model)
         model.save_weights(run_dir)
         write_parity_sample(run_dir, data.valid, seed=cfg.data.seed)
@@ -207,6 +215,13 @@ def train_run(
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_message(run_dir, created)) from None
     return TrainResult(run_dir, metrics, reports, probs)
+
+
+def _open_run_dir(run_dir: Path, resume: bool, overwrite: bool, cfg: Config) -> bool:
+    """`prepare_run_dir`, then the config the run starts with (what `--resume` checks against)."""
+    created = prepare_run_dir(run_dir, resume, overwrite)
+    save_config(cfg, pending_config(run_dir))
+    return created
 
 
 def resolve_defaults(cfg: Config, family: Any) -> None:
@@ -252,7 +267,7 @@ def _interrupted_message(run_dir: Path, created: bool) -> str:
     """What an interrupted run kept; a run directory this run made and never checkpointed is removed."""
     if last_complete_checkpoint(run_dir, quiet=True) is not None:
         return f"checkpoints kept in {run_dir / 'checkpoints'}; continue with `textclass train --output {run_dir} --resume`"
-    if created:
+    if created and distributed.is_main_process():
         shutil.rmtree(run_dir, ignore_errors=True)
         return f"stopped before the first checkpoint; nothing was kept ({run_dir} removed)"
     return f"stopped before the first checkpoint; {run_dir} is as it was"

@@ -33,6 +33,7 @@ from textclass.fileio import cache_dir
 from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
+from textclass.training import distributed
 from textclass.training.averaging import EMA, SWA, AveragingCallback, WeightAverage, swa_start_step
 from textclass.training.losses import symmetric_kl
 from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, layer_decay_scale, param_groups, sparse_parameters
@@ -168,7 +169,8 @@ class ClassifierTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # The average goes in first: the Trainer writes trainer_state.json last, which marks the folder complete.
-        if self.averaging is not None and self.averaging.average.shadow:
+        # Written by the process that writes checkpoints (rank 0 under DDP): every rank's average is the same.
+        if self.averaging is not None and self.averaging.average.shadow and self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             self.averaging.average.save(folder)
         super()._save_checkpoint(model, trial)
@@ -195,8 +197,9 @@ class ClassifierTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Models that store a sparse form of a large table (fastText) write checkpoints in that form;
         # their `load_state_dict` reads it back, so best-model loading and --resume are unchanged.
+        # (Only the process that writes: under DDP the others skip the scan of the table.)
         model = self.accelerator.unwrap_model(self.model)
-        if state_dict is None and hasattr(model, "compact_state_dict"):
+        if state_dict is None and self.args.should_save and hasattr(model, "compact_state_dict"):
             state_dict = model.compact_state_dict()
         super()._save(output_dir, state_dict=state_dict)
 
@@ -213,17 +216,20 @@ class ClassifierTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        # Groups of what one optimizer step sees, over all processes: every rank draws the same order and
+        # accelerate hands consecutive per-device batches to the ranks in turn, so N processes at batch B/N
+        # train on the same batches, in the same order, as one process at batch B.
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, PackedRows):
             # Lengths from the packed `length` column: for a dataset that is not a `datasets.Dataset` the
             # Trainer's sampler would build every row to measure its `input_ids`.
-            batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return ShuffledLengthGroupedSampler(batch_size, lengths=dataset.lengths, seed=self.args.data_seed or 0)
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):  # any other dataset: the same shuffled grouping
             # `list()`: datasets >= 4 returns `dataset["length"]` as a lazy `Column`, read through Arrow once
             # per example and epoch it cost ~0.2 ms each (14 of 30 s in a fastText run).
             lengths = list(sampler.lengths)
-            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=lengths, seed=self.args.data_seed or 0)
+            return ShuffledLengthGroupedSampler(batch_size, lengths=lengths, seed=self.args.data_seed or 0)
         return sampler
 
     def _get_eval_sampler(self, eval_dataset: Any) -> Any:
@@ -519,7 +525,11 @@ def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid:
         label_names=["labels"],
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        **resolve_precision(t.precision, family.cpu_autocast),
+        # Under DDP (torchrun): our loss is a mean over each process's batch and DDP averages the gradients,
+        # which is the mean over the global batch; the Trainer's token averaging across devices would
+        # scale it again by the number of processes for a model whose forward takes **kwargs.
+        average_tokens_across_devices=False,
+        **(resolve_precision(t.precision, family.cpu_autocast) | ({"use_cpu": True} if distributed.needs_cpu_flag() else {})),
     )
 
 
