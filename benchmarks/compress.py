@@ -8,7 +8,7 @@ Parts (`--part`):
   unlabeled texts; MiniLM with 3 of its 6 layers (plain: the copied layers fine-tuned on the labels;
   distilled: logits + hidden states); MiniLM with half its heads and FFN neurons pruned (+1 recovery
   epoch, plain or distilled from the unpruned teacher); MiniLM with its vocabulary pruned to the
-  tokens of the training texts and the unlabeled paragraphs; a 5-fold MiniLM ensemble distilled into one MiniLM.
+  tokens of the training texts and the unlabeled paragraphs (also the distilled 3-layer MiniLM's); a 5-fold MiniLM ensemble distilled into one MiniLM.
 - `zh`: chinese-reviews, 1,000 labeled training rows: a 5-fold TextCNN ensemble (the tricks benchmark's
   best small model) distilled into one fastText, with the other training texts (up to 5,000) unlabeled.
 
@@ -66,6 +66,7 @@ BBC: dict[str, tuple[str, dict[str, Any]]] = {
     "minilm-pruned-heads+ffn": ("prune", {"heads": 0.5, "ffn": 0.5, "recover": 1}),
     "minilm-pruned-heads+ffn-distilled": ("prune", {"heads": 0.5, "ffn": 0.5, "recover": 1, "recover_from_teacher": True}),
     "minilm-pruned-vocab": ("prune", {"vocab": True}),
+    "minilm-3layers-distilled+vocab": ("prune", {"vocab": True, "source": "minilm-3layers-distilled"}),
     "minilm-kfold5-to-one": ("distill", {"teacher": "kfold", "model": MINILM, "distill": {"alpha": 0.5, "temperature": 2.0}}),
 }
 ZH: dict[str, tuple[str, dict[str, Any]]] = {
@@ -143,10 +144,11 @@ def job(args: argparse.Namespace, variant: str, seed: int, files: dict[str, str]
         if spec.get("model") == MINILM or spec["distill"].get("student", {}).get("from_teacher"):
             cfg["training"] = {**MINILM_TRAINING, **training}
         return {"kind": kind, "teachers": [teacher], "config": cfg}
-    options = {k: v for k, v in spec.items() if k != "vocab"} | ({"seed": seed} if spec.get("recover") else {})
+    options = {k: v for k, v in spec.items() if k not in ("vocab", "source")} | ({"seed": seed} if spec.get("recover") else {})
     if spec.get("vocab"):
         options["vocab"] = files["vocab"]
-    return {"kind": kind, "model": teacher, "output": str(out), "options": options, "seed": seed}
+    source = str(work / "runs" / f"{spec['source']}-s{seed}") if "source" in spec else teacher  # that variant's run, same seed
+    return {"kind": kind, "model": source, "output": str(out), "options": options, "seed": seed}
 
 
 def child(spec: dict[str, Any]) -> None:
