@@ -8,7 +8,8 @@ Parts (`--part`):
   unlabeled texts; MiniLM with 3 of its 6 layers (plain: the copied layers fine-tuned on the labels;
   distilled: logits + hidden states); MiniLM with half its heads and FFN neurons pruned (+1 recovery
   epoch, plain or distilled from the unpruned teacher); MiniLM with its vocabulary pruned to the
-  tokens of the training texts and the unlabeled paragraphs (also the distilled 3-layer MiniLM's); a 5-fold MiniLM ensemble distilled into one MiniLM.
+  tokens of the training texts and the unlabeled paragraphs (also the distilled 3-layer MiniLM's); a
+  5-fold MiniLM ensemble distilled into one MiniLM.
 - `zh`: chinese-reviews, 1,000 labeled training rows: a 5-fold TextCNN ensemble (the tricks benchmark's
   best small model) distilled into one fastText, with the other training texts (up to 5,000) unlabeled.
 
