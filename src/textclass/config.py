@@ -592,6 +592,8 @@ class StudentConfig(_Section):
 
     @model_validator(mode="after")
     def _layers_given(self) -> StudentConfig:
+        if self.layers is not None and not self.from_teacher:
+            raise _combination_error("layers", "chooses the teacher layers a student copies; set from_teacher: true too")
         if self.from_teacher and self.layers is None:
             raise _combination_error("layers", "from_teacher needs the layers to keep: a count (3) or indices ([0, 2, 5])")
         if isinstance(self.layers, int) and self.layers < 1:
@@ -628,6 +630,8 @@ class DistillConfig(_Section):
             raise _combination_error(
                 "hidden_matches", "compares hidden states of a student built from the teacher; set student.from_teacher"
             )
+        if self.hidden_matches and self.hidden_weight == 0:
+            raise _combination_error("hidden_matches", "with hidden_weight 0 nothing is matched; give hidden_weight > 0")
         return self
 
 

@@ -172,13 +172,25 @@ def test_self_distilled_encoder_starts_from_the_teachers_chosen_layers(world: di
     for name, value in student.network.state_dict().items():
         if "layer." not in name:
             assert torch.equal(value, t_state[name]), name  # embeddings and head copied
-    # the matcher compares what it should: a student identical to the teacher has zero hidden loss
+    # a twin of the teacher has zero hidden loss; a changed student has some, whatever the padding
     twin = student_from_teacher(world["teacher"], [0, 1]).network.eval()
-    matcher = HiddenMatcher(twin, teacher.network, [(0, 0), (1, 1)], 1.0)
-    batch = teacher.collate(teacher.features(["goal team win", "soup bread"]))
-    twin(**{k: v for k, v in batch.items() if k != "labels"})
-    assert matcher(batch).item() == pytest.approx(0.0, abs=1e-10)
-    matcher.remove()
+    batch = teacher.collate(teacher.features(["goal team win", "soup bread chef oven kitchen dinner recipe"]))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def hidden_loss(matches: list[tuple[int, int]], batch: dict) -> float:
+        matcher = HiddenMatcher(twin, teacher.network, matches, 1.0)
+        twin(**{k: v for k, v in batch.items() if k != "labels"})
+        value = matcher(batch).item()
+        matcher.remove()
+        return value
+
+    assert hidden_loss([(0, 0), (1, 1)], inputs) == pytest.approx(0.0, abs=1e-10)
+    with torch.no_grad():  # now a different student: its hidden loss on a text must not depend on padding
+        transformer_layers(twin)[1].output.dense.weight.mul_(2.0)  # (a constant shift would vanish in LayerNorm)
+    short = {k: v for k, v in teacher.collate(teacher.features(["goal team win"])).items() if k != "labels"}
+    padded = {k: torch.cat([v, torch.zeros(1, 6, dtype=v.dtype)], 1) for k, v in short.items()}  # 6 pad positions
+    alone = hidden_loss([(1, 1)], short)
+    assert alone > 1e-5 and hidden_loss([(1, 1)], padded) == pytest.approx(alone, rel=1e-5)
 
 
 def test_self_distillation_run_of_an_encoder(world: dict, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ from textclass.training.run import (
     train_run,
     vocabulary_texts,
 )
-from textclass.training.trainer import ExtraTargets
+from textclass.training.trainer import ExtraTargets, encoding_code_version, tokenizer_fingerprint
 
 log = logging.getLogger("textclass")
 
@@ -84,11 +84,10 @@ def distill_config(
     distill = raw["distill"]
     if teachers and isinstance(distill, dict):
         distill["teachers"] = [str(t) for t in teachers]
-    if output is not None:
-        raw.setdefault("training", {})["output_dir"] = str(output)
-    raw = apply_overrides(raw, overrides or [])  # first, so that a --set model.x counts as a model section
+    # overrides first, so that a --set model.x counts as a model section
+    raw = apply_overrides(raw, (overrides or []) + ([f"training.output_dir={output}"] if output is not None else []))
     listed = distill.get("teachers") if isinstance(distill, dict) else None
-    first = check_run_dir(listed[0]) if listed else None
+    first = check_run_dir(listed[0]) if isinstance(listed, list) and listed and isinstance(listed[0], str) else None
     data = raw.get("data") if isinstance(raw.get("data"), dict) else None
     if first is not None and (data is None or not (data.get("train") or data.get("dataset"))):
         from textclass.rundir import read_run_config
@@ -140,10 +139,11 @@ def _distil(cfg: Config, resume: bool, overwrite: bool) -> TrainResult:
         hard = build_loss(cfg, data)
     loss = DistillationLoss(hard, d.alpha, d.temperature, data.labels.multi_label)
     pool = _training_pool(data, unlabeled)
+    extra = soft_label_targets(teachers, paths, columns, pool, len(data.train), cfg.training.eval_batch_size)
     matcher = None
-    if d.student.from_teacher and d.hidden_weight > 0:
+    if d.student.from_teacher and d.hidden_weight > 0:  # after the logits: its hooks would keep their states
         matcher = HiddenMatcher(student.network, teachers[0].network, hidden_matches(cfg, teachers[0]), d.hidden_weight)
-    extra = soft_label_targets(teachers, paths, columns, pool, len(data.train), cfg.training.eval_batch_size, matcher)
+        extra.auxiliary_loss = matcher
     record = {"distill": _record(cfg, paths, teachers, len(data.train), len(unlabeled))}
     log.info(
         "distilling %d teacher(s) into a %s student: %d labeled + %d unlabeled texts, alpha %.2g, T %.2g",
@@ -227,8 +227,11 @@ def teacher_logits(
     without gradients and cached on disk (keyed by the teachers' files and the texts)."""
     texts, pairs = text_columns(frame)
     h = hashlib.sha256()
-    for p, cols in zip(paths, columns, strict=True):
+    for p, teacher, cols in zip(paths, teachers, columns, strict=True):
         h.update(_teacher_fingerprint(p).encode())
+        # how the teacher turns texts into ids, and the code that does it: a changed encoding is new logits
+        h.update(encoding_code_version(teacher).encode())
+        h.update(tokenizer_fingerprint(teacher.tokenizer).encode())
         h.update(json.dumps(cols).encode())
     h.update(json.dumps([texts, pairs], ensure_ascii=False).encode())
     cached = cache_dir() / "teacher_logits" / f"{h.hexdigest()[:32]}.npy"
@@ -238,6 +241,8 @@ def teacher_logits(
     outputs = []
     for i, (teacher, cols) in enumerate(zip(teachers, columns, strict=True)):
         log.info("teacher %d/%d (%s): logits of %d texts", i + 1, len(teachers), paths[i], len(texts))
+        if torch.cuda.is_available():  # this process's GPU (under torchrun: its local rank's)
+            teacher.network.to(torch.device("cuda", torch.cuda.current_device()))
         outputs.append(teacher.predict_logits(texts, pairs, batch_size=batch_size, progress=True)[:, cols])
     first = teachers[0]
     logits = outputs[0] if len(outputs) == 1 else mean_logits([torch.from_numpy(o) for o in outputs], first.multi_label).numpy()
@@ -419,6 +424,8 @@ class HiddenMatcher:
                 losses.append((diff * m).sum() / (m.sum() * diff.size(-1)).clamp(min=1.0))
             else:
                 losses.append(diff.mean())
+        self.student_out.clear()  # no activation (nor its graph) outlives the step
+        self.teacher_out.clear()
         return self.weight * torch.stack(losses).mean()
 
     def remove(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from textclass.compress.importance import choose, head_groups, importance
-from textclass.compress.vocab import prune_vocabulary
+from textclass.compress.vocab import check_tokenizer, prune_vocabulary
 from textclass.data.frames import text_columns
 from textclass.data.prepare import PreparedData, prepare_data, read_eval_data
 from textclass.errors import UserError
@@ -90,8 +90,8 @@ class PruneOptions:
 def check_output(source: Path, output: Path, overwrite: bool) -> None:
     """Refuse an output that would clobber the source run, a non-run folder, or a run without --overwrite."""
     src, out = source.resolve(), output.resolve()
-    if out == src or src.is_relative_to(out):
-        raise UserError(f"--output {output}: is (or holds) the source run {source}; choose another folder")
+    if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+        raise UserError(f"--output {output}: is, holds or lies inside the source run {source}; choose another folder")
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output}: is a file; choose a folder for the pruned run")
     if output.is_dir() and any(output.iterdir()):
@@ -108,7 +108,7 @@ def _measure(model: TextModel, folder: Path) -> dict[str, Any]:
     ms1, ms32 = latency_ms(lambda texts: model.predict_proba(texts))
     return {
         "parameters": model.parameter_counts()[0],
-        "size_mb": round(dir_size(folder) / 1e6, 3),
+        "size_mb": round(dir_size(folder, onnx=False) / 1e6, 3),
         "latency_ms_batch_1": round(ms1, 2),
         "latency_ms_batch_32": round(ms32, 2),
     }
@@ -201,7 +201,14 @@ def prune_run(model_dir: str | Path, output: str | Path, options: PruneOptions, 
     if model.parameter_counts()[1] == 0:
         raise UserError(f"{source}: a run without trained weights (zero-shot) cannot be pruned")
     data = prepare_data(cfg.data)
+    if data.labels.names != model.labels.names or data.labels.multi_label != model.labels.multi_label:
+        raise UserError(
+            f"{source}: its training data ({data.sources.get('train')}) now has other labels than the run was "
+            f"trained on ({', '.join(model.labels.names[:10])}); restore the data the run was trained on"
+        )
     vocab_texts = _vocab_texts(options, cfg, data)
+    if vocab_texts is not None:
+        check_tokenizer(model)  # a tokenizer whose vocabulary cannot be pruned fails before anything is written
     before = _measure(model, source)
     model.prepare_surgery()
     removed: dict[str, Any] = {}
@@ -214,7 +221,28 @@ def prune_run(model_dir: str | Path, output: str | Path, options: PruneOptions, 
         removed |= prune_heads_and_ffn(
             model, _batches(model, data, options.samples), options.heads, options.ffn, options.iterations
         )
-    prepare_run_dir(out, resume=False, overwrite=overwrite)  # every check passed: now the output is written
+    created = prepare_run_dir(out, resume=False, overwrite=overwrite)  # every check passed: now the output is written
+    try:
+        return _write_pruned(model, source, out, options, data, vocab_texts, removed, before)
+    except BaseException:
+        if created:  # nothing half-made stays behind (a run --overwrite replaced was already cleared)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _write_pruned(
+    model: TextModel,
+    source: Path,
+    out: Path,
+    options: PruneOptions,
+    data: PreparedData,
+    vocab_texts: tuple[list[str], list[str] | None] | None,
+    removed: dict[str, Any],
+    before: dict[str, Any],
+) -> dict[str, Any]:
+    """The steps that write into `out`: recovery, vocabulary, weights, reports, then the run's files."""
+    cfg = model.cfg
+    cfg.training.output_dir = str(out)  # the pruned run's own folder (a --config of it must never name the source)
     if options.recover:
         teacher = source if options.recover_from_teacher else None
         model = recover(model, data, options.recover, out / CHECKPOINTS_DIR / "recover", teacher, options.seed)

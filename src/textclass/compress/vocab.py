@@ -41,6 +41,11 @@ def _tokenizer_json(model: TextModel) -> dict[str, Any]:
     return data
 
 
+def check_tokenizer(model: TextModel) -> None:
+    """Refuse, with one line, a tokenizer whose vocabulary this module cannot prune."""
+    _tokenizer_json(model)
+
+
 def used_ids(model: TextModel, texts: list[str], pairs: list[str] | None) -> set[int]:
     """Token ids the model's encoding of `texts` uses (prompts and special tokens included)."""
     ids: set[int] = set()
@@ -173,7 +178,10 @@ def prune_vocabulary(model: TextModel, texts: list[str], pairs: list[str] | None
             text = (texts[i] + " " + (pairs[i] if pairs else "")).lower()
             used |= {v for t, v in vocab.items() if t.removeprefix("##") in text}
     else:
-        raise RuntimeError(f"vocabulary pruning changes the encoding of {len(differ)} texts")
+        raise UserError(
+            f"--vocab: the pruned vocabulary still encodes {len(differ)} of the texts differently; "
+            "leave --vocab out (and please report this tokenizer)"
+        )
     surgery.slice_vocabulary(model.network, keep)
     model.replace_tokenizer(tokenizer)
     return {"before": before, "after": len(keep)}

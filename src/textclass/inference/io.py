@@ -17,7 +17,7 @@ from textclass.data.frames import text_columns
 from textclass.errors import UserError
 from textclass.fileio import atomic_write
 from textclass.inference.predictor import BasePredictor
-from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, OOF_SPLIT, PRUNE_FILE, TENSORBOARD_DIR, read_metrics
+from textclass.rundir import CHECKPOINTS_DIR, EVAL_DIR, ONNX_DIR, OOF_SPLIT, PRUNE_FILE, TENSORBOARD_DIR, read_metrics
 
 log = logging.getLogger("textclass")
 
@@ -152,9 +152,11 @@ def interactive_loop(predictor: BasePredictor, top_k: int = 5) -> None:
         print(render_scores(predictor.predict([text], top_k=top_k)[0]))
 
 
-def dir_size(path: Path) -> int:
-    """Bytes of what a run directory needs to predict."""
+def dir_size(path: Path, onnx: bool = True) -> int:
+    """Bytes of what a run directory needs to predict (`onnx=False`: without its ONNX export, to compare a
+    model with one not exported yet)."""
     skip = {CHECKPOINTS_DIR, EVAL_DIR, TENSORBOARD_DIR}  # training leftovers, reports, logs: not needed to predict
+    skip |= set() if onnx else {ONNX_DIR}
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not (set(f.relative_to(path).parts) & skip))
 
 

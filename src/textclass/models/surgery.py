@@ -246,7 +246,8 @@ def slice_ffn(block: nn.Module, keep: list[int]) -> None:
 # -- vocabulary -----------------------------------------------------------------------------------------------------
 def slice_vocabulary(network: nn.Module, keep: list[int]) -> None:
     """Keep the embedding rows `keep` (old token ids, ascending: new id = position in `keep`), in the input
-    embeddings and any output embeddings; the config's vocab_size and special-token ids follow."""
+    embeddings (the classifiers here have no language-model head, so no output embeddings); the config's
+    vocab_size and special-token ids follow."""
     body = find_transformer(network)
     old = body.get_input_embeddings()
     index = torch.tensor(sorted(keep), device=old.weight.device)

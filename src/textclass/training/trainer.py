@@ -395,7 +395,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return state + json.dumps(extra, sort_keys=True)
 
 
-def _encoding_code_version(model: TextModel) -> str:
+def encoding_code_version(model: TextModel) -> str:
     """textclass's version, ENCODING_VERSION and the model class's module source, so changed code re-tokenizes."""
     import inspect
 
@@ -420,7 +420,7 @@ def tokenize(model: TextModel, df: pd.DataFrame, with_labels: bool = True) -> An
     texts, pairs = text_columns(df)
     h = hashlib.sha256()
     h.update(model.cfg.model.model_dump_json().encode())
-    h.update(_encoding_code_version(model).encode())
+    h.update(encoding_code_version(model).encode())
     h.update(tokenizer_fingerprint(model.tokenizer).encode())
     h.update(json.dumps([texts, pairs], ensure_ascii=False).encode())
     folder = cache_dir() / "tokenized"
