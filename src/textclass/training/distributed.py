@@ -176,7 +176,10 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(args)
     except ChildFailedError as err:
+        # Rank 0's own exit code when it exited; else another rank's (a user error reaches every rank, and
+        # whichever exits first makes torchrun stop the others with a signal: a negative exit code)
         failures = err.failures
-        first = failures.get(0) or next(iter(failures.values()))
-        return first.exitcode if first.exitcode > 0 else 1
+        codes = [failures[0].exitcode] if 0 in failures else []
+        codes += [f.exitcode for r, f in sorted(failures.items()) if r != 0]
+        return next((c for c in codes if c > 0), 1)
     return 0
