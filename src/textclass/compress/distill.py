@@ -36,8 +36,7 @@ from textclass.config import Config, DataConfig, DistillConfig, apply_overrides,
 from textclass.data.builtin import is_builtin, load_builtin
 from textclass.data.frames import text_columns
 from textclass.data.labels import LabelSet
-from textclass.data.normalise import normalise
-from textclass.data.prepare import PreparedData, check_columns, clean_texts
+from textclass.data.prepare import PreparedData, check_columns, clean_texts, text_keys
 from textclass.data.readers import read_table
 from textclass.errors import UserError
 from textclass.fileio import atomic_write, cache_dir
@@ -307,8 +306,8 @@ def unlabeled_texts(cfg: DataConfig, data: PreparedData) -> pd.DataFrame:
         source = str(path)
         if data.has_pairs != ("text_pair" in frame.columns):
             raise UserError(f"{path}: data.unlabeled must have the same text columns as the training data")
-    keys = _keys(frame)
-    seen = set(pd.concat([_keys(df) for df in (data.train, data.valid, data.test) if df is not None]))
+    keys = text_keys(frame)
+    seen = set(pd.concat([text_keys(df) for df in (data.train, data.valid, data.test) if df is not None]))
     keep = ~keys.isin(seen) & ~keys.duplicated()
     dropped = int((~keep).sum())
     frame = frame[keep.to_numpy()].reset_index(drop=True)
@@ -316,13 +315,6 @@ def unlabeled_texts(cfg: DataConfig, data: PreparedData) -> pd.DataFrame:
         frame = frame.sample(n=cfg.unlabeled_limit, random_state=cfg.seed).reset_index(drop=True)
     log.info("unlabeled texts from %s: %d used (%d dropped: repeated, or in this run's splits)", source, len(frame), dropped)
     return frame
-
-
-def _keys(df: pd.DataFrame) -> pd.Series:
-    key = df["text"].map(normalise)
-    if "text_pair" in df.columns:
-        key = key + "\t" + df["text_pair"].map(normalise)
-    return key
 
 
 def _training_pool(data: PreparedData, unlabeled: pd.DataFrame) -> pd.DataFrame:

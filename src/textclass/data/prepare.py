@@ -176,7 +176,8 @@ def infer_multi_label(df: pd.DataFrame, cfg: DataConfig) -> bool:
     )
 
 
-def _keys(df: pd.DataFrame) -> pd.Series:
+def text_keys(df: pd.DataFrame) -> pd.Series:
+    """Each row's normalised text (tab, normalised second text): what counts as the same text."""
     key = df["text"].map(normalise)
     if "text_pair" in df.columns:
         key = key + "\t" + df["text_pair"].map(normalise)
@@ -191,7 +192,7 @@ def leak_audit(splits: dict[str, pd.DataFrame], dedup: bool) -> tuple[dict[str, 
     text.
     """
     report: dict[str, Any] = {"within": {}, "across": {}, "conflicting_labels": {}, "dedup": dedup}
-    keys = {name: _keys(df) for name, df in splits.items()}
+    keys = {name: text_keys(df) for name, df in splits.items()}
     for name, df in splits.items():
         k = keys[name]
         report["within"][name] = int(k.duplicated().sum())
