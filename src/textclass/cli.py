@@ -47,6 +47,13 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("textclass").setLevel(logging.DEBUG if verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        import torch
+
+        if torch.accelerator.current_accelerator() is None:  # DeepSpeed (imported by accelerate when installed)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # would warn in every process that it found no GPU
+    except ImportError:
+        pass
+    try:
         import transformers
 
         transformers.logging.set_verbosity_error()  # keep progress bars, drop library chatter

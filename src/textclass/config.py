@@ -493,7 +493,19 @@ class TrainingConfig(_Section):
         None, description="Stochastic weight averaging (`{start, lr, every_steps}`): the average is the run's model."
     )
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, description="TensorBoard logs in the run directory (as `report_to: [tensorboard]`).")
+    report_to: list[str] = Field(
+        default_factory=list,
+        description="Experiment trackers the Trainer logs to: `tensorboard` (into the run directory), `mlflow`, `wandb`, "
+        "`comet_ml`, ... (configured by their own environment variables, e.g. MLFLOW_TRACKING_URI); the run "
+        "directory is written as without them.",
+    )
+    deepspeed: str | None = Field(
+        None,
+        description="Train through DeepSpeed ZeRO: `zero2` (optimizer state and gradients partitioned across processes), "
+        "`zero3` (the weights too), `zero3_offload` (zero3 with weights and optimizer state in CPU memory), or the "
+        "path of a DeepSpeed JSON config (`auto` values are filled in from this section). See docs/scaling.md.",
+    )
     logging_steps: int = Field(20, ge=1)
     seed: int = 42
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default: torch's choice.")
@@ -502,6 +514,25 @@ class TrainingConfig(_Section):
         description="Train K models on stratified folds of train+valid (each fold held out once) and keep them as one "
         "ensemble that predicts the mean of their probabilities; unset: off. See docs/kfold.md.",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, v: list[str]) -> list[str]:
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+        unknown = [name for name in v if name not in INTEGRATION_TO_CALLBACK]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; use some of {sorted(INTEGRATION_TO_CALLBACK)}")
+        return list(dict.fromkeys(v))
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_preset_or_file(cls, v: str | None) -> str | None:
+        from textclass.training.zero import PRESETS
+
+        if v is not None and v not in PRESETS and not v.endswith(".json"):
+            raise ValueError(f"{v!r}: use {', '.join(PRESETS)} or the path of a DeepSpeed config file (.json)")
+        return v
 
     @field_validator("kfold")
     @classmethod
@@ -542,6 +573,21 @@ class TrainingConfig(_Section):
                 f"{self.swa.start:g} epochs is not before the end of training (epochs={self.epochs:g}), so nothing "
                 "would be averaged; lower it (or give a fraction such as 0.75)",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_combinations(self) -> TrainingConfig:
+        """Tricks that change or copy weights outside the DeepSpeed engine (which partitions them) cannot run
+        under it; torchrun DDP runs them all."""
+        if self.deepspeed is None:
+            return self
+        for key in ("adversarial", "ema_decay", "swa", "kfold"):
+            if getattr(self, key) is not None:
+                raise _combination_error(
+                    key,
+                    "cannot run under training.deepspeed (it works on weights DeepSpeed partitions); drop one of the "
+                    "two (torchrun DDP without deepspeed supports both)",
+                )
         return self
 
     @model_validator(mode="after")

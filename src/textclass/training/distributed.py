@@ -81,6 +81,9 @@ def session() -> Iterator[None]:
         quiet.setLevel(logging.ERROR)
     try:
         yield
+        # Every rank leaves together (rank 0 last, after its reports): a rank that tears its process group down
+        # while another still works with it can abort at exit (seen with DeepSpeed ZeRO-3's communication).
+        barrier()
     finally:
         quiet.setLevel(level)
         if dist.is_initialized():

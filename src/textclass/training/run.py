@@ -34,11 +34,11 @@ from textclass.rundir import (
     write_parity_sample,
     write_run,
 )
-from textclass.training import distributed
+from textclass.training import distributed, zero
 from textclass.training.losses import make_loss
 from textclass.training.noisytune import apply_noisytune
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
-from textclass.training.trainer import ExtraTargets, build_trainer, tokenize
+from textclass.training.trainer import ExtraTargets, build_trainer, resolve_precision, tokenize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -177,7 +177,12 @@ def train_run(
     Ctrl-C raises `Interrupted` saying what was kept.
     """
     cfg = model.cfg
+    # What this machine or engine cannot train is refused before the run directory is touched.
     distributed.check_sparse_gradients(model.network, distributed.backend())
+    resolve_precision(cfg.training.precision, model.family.cpu_autocast, bool(cfg.training.deepspeed))
+    if cfg.training.deepspeed:
+        zero.check_supported(model.network)
+        zero.deepspeed_config(cfg.training.deepspeed, model.network)
     created = distributed.on_main(_open_run_dir, run_dir, resume, overwrite, cfg)
     try:
         with distributed.main_process_first():  # rank 0 writes the tokenization cache, the others read it
@@ -188,10 +193,12 @@ def train_run(
         trainer.train(resume_from_checkpoint=checkpoint)
         _log_kept(trainer, cfg)
         assert trainer.model is not None  # build_trainer gave it the model object's network
+        network = zero.full_network(trainer)  # under ZeRO-3 every rank takes part in gathering the weights
+        zero.release()
         if not distributed.is_main_process():  # every rank holds the same weights; rank 0 writes the run
             model.network = nn.Module()
             return TrainResult(run_dir, {"train": _train_summary(trainer)}, {})
-        model.network = trainer.model  # the kept weights (the Trainer loads the best checkpoint's into its model)
+        model.network = network  # the kept weights (the Trainer loads the best checkpoint's into its model)
         model.save_weights(run_dir)
         write_parity_sample(run_dir, data.valid, seed=cfg.data.seed)
         metrics: dict[str, Any] = {"train": _train_summary(trainer) | ({"resumed_with_changes": changes} if changes else {})}
@@ -302,6 +309,8 @@ def _train_summary(trainer: Any) -> dict[str, Any]:
         "train_runtime_s": last.get("train_runtime"),
         "train_samples_per_second": last.get("train_samples_per_second"),
         "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+        "processes": trainer.args.world_size,
+        "zero_stage": zero.zero_stage(trainer.accelerator.deepspeed_config) if trainer.is_deepspeed_enabled else None,
     }
 
 

@@ -33,7 +33,7 @@ from textclass.fileio import cache_dir
 from textclass.models.base import TextModel, probabilities
 from textclass.models.registry import Family
 from textclass.rundir import TENSORBOARD_DIR
-from textclass.training import distributed
+from textclass.training import distributed, zero
 from textclass.training.averaging import EMA, SWA, AveragingCallback, WeightAverage, swa_start_step
 from textclass.training.losses import symmetric_kl
 from textclass.training.optim import adamw_with_sparse_rows, clip_grad_norm_, layer_decay_scale, param_groups, sparse_parameters
@@ -464,17 +464,20 @@ class PrecisionFlags(TypedDict, total=False):
     use_cpu: bool
 
 
-def resolve_precision(precision: str, cpu_autocast: bool = True) -> PrecisionFlags:
+def resolve_precision(precision: str, cpu_autocast: bool = True, deepspeed: bool = False) -> PrecisionFlags:
     """TrainingArguments flags for the requested precision, checked against the hardware.
 
     `auto` on CPU picks bf16 autocast for families with `cpu_autocast` when the CPU has native bf16: a
-    MiniLM training step is ~1.5x faster on such a CPU (AVX512-BF16) with fp32 master weights.
+    MiniLM training step is ~1.5x faster on such a CPU (AVX512-BF16) with fp32 master weights. Under
+    DeepSpeed without a GPU it is fp32: the Trainer has no CPU bf16 for a DeepSpeed run.
     """
     cuda = torch.cuda.is_available()
     if precision == "auto":
         if cuda:
             return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
-        precision = "bf16" if cpu_autocast and cpu_has_native_bf16() else "fp32"
+        precision = "bf16" if cpu_autocast and cpu_has_native_bf16() and not deepspeed else "fp32"
+    if precision == "bf16" and deepspeed and not cuda:
+        raise UserError("training.precision=bf16 with training.deepspeed needs a GPU; use fp32 (or bf16 without deepspeed)")
     if precision == "fp16" and not cuda:
         raise UserError("training.precision=fp16 needs a CUDA GPU and none is visible; use fp32 or bf16")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -485,9 +488,19 @@ def resolve_precision(precision: str, cpu_autocast: bool = True) -> PrecisionFla
     return {"fp16": True} if precision == "fp16" else {}
 
 
-def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid: bool) -> TrainingArguments:
-    """Map our training section onto TrainingArguments (one place)."""
+def training_arguments(
+    cfg: Config, family: Family, output_dir: Path, has_valid: bool, deepspeed: dict[str, Any] | None = None
+) -> TrainingArguments:
+    """Map our training section onto TrainingArguments (one place). `deepspeed`: the DeepSpeed config of
+    `training.deepspeed` (`zero.deepspeed_config`)."""
     t = cfg.training
+    precision = resolve_precision(t.precision, family.cpu_autocast, deepspeed is not None)
+    precision |= {"use_cpu": True} if distributed.needs_cpu_flag() else {}
+    if deepspeed is not None:
+        # DeepSpeed picks its device itself (its CPU accelerator where there is no GPU); accelerate would not
+        # start the DeepSpeed engine at all when told the run is on CPU.
+        precision.pop("use_cpu", None)
+    engine = zero.configured_state() if deepspeed is not None else {}
     assert t.batch_size is not None and t.learning_rate is not None  # filled in by run.resolve_defaults
     strategy = "steps" if t.eval_steps else "epoch"
     keep_best = has_valid and t.final_model == "best"
@@ -516,7 +529,10 @@ def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid:
         greater_is_better=t.best_metric not in LOWER_IS_BETTER,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        report_to="none",  # TensorBoard is attached as a callback writing into the run directory
+        # TensorBoard is attached as a callback writing into the run directory (`build_trainer`), the others here
+        report_to=[name for name in t.report_to if name != "tensorboard"] or "none",
+        run_name=output_dir.parent.name,  # the run directory's name, as the trackers' run name
+        deepspeed=deepspeed,
         seed=t.seed,
         data_seed=t.seed,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
@@ -529,7 +545,8 @@ def training_arguments(cfg: Config, family: Family, output_dir: Path, has_valid:
         # which is the mean over the global batch; the Trainer's token averaging across devices would
         # scale it again by the number of processes for a model whose forward takes **kwargs.
         average_tokens_across_devices=False,
-        **(resolve_precision(t.precision, family.cpu_autocast) | ({"use_cpu": True} if distributed.needs_cpu_flag() else {})),
+        **precision,
+        **engine,
     )
 
 
@@ -594,11 +611,14 @@ def build_trainer(
     callbacks: list[Any] = []
     if cfg.training.early_stopping_patience and valid_ds is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
-    if cfg.training.tensorboard:
+    if cfg.training.tensorboard or "tensorboard" in cfg.training.report_to:
         callbacks.append(tensorboard_callback(output_dir.parent / TENSORBOARD_DIR))
+    ds_config = None
+    if cfg.training.deepspeed:
+        ds_config = zero.deepspeed_config(cfg.training.deepspeed, model.network)
     return ClassifierTrainer(
         model=model.network,
-        args=training_arguments(cfg, model.family, output_dir, valid_ds is not None),
+        args=training_arguments(cfg, model.family, output_dir, valid_ds is not None, ds_config),
         train_dataset=PackedRows(train_ds),
         eval_dataset=None if valid_ds is None else PackedRows(valid_ds),  # numpy rows, as for training
         data_collator=collate_with_targets(model.collate, keys) if keys else model.collate,

@@ -1,0 +1,46 @@
+"""Experiment trackers (`training.report_to`): the Trainer logs to them, and the run directory is unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+from textclass import train
+
+pytest.importorskip("mlflow")
+
+
+def _files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_mlflow_offline_file_store_gets_the_curves_and_the_run_directory_is_unchanged(
+    tiny_bert: Path, toy_files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store without it
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "textclass-test")
+    plain = train(tiny_config(tiny_bert, toy_files, tmp_path / "plain", epochs=2, precision="fp32"))
+    tracked = train(tiny_config(tiny_bert, toy_files, tmp_path / "tracked", epochs=2, precision="fp32", report_to=["mlflow", "tensorboard"]))
+
+    assert _files(tracked.run_dir) - _files(plain.run_dir) == {p for p in _files(tracked.run_dir) if p.startswith("tensorboard/")}
+    assert any(p.startswith("tensorboard/") for p in _files(tracked.run_dir))  # TensorBoard writes into the run directory
+    for split in ("valid", "test"):
+        assert tracked.metrics[split] == plain.metrics[split]  # the same run, tracked or not
+    assert json.loads((tracked.run_dir / "metrics.json").read_text()).keys() == json.loads((plain.run_dir / "metrics.json").read_text()).keys()
+
+    mlflow.set_tracking_uri(store.as_uri())
+    runs = mlflow.search_runs(experiment_names=["textclass-test"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.run_name == "tracked"
+    client = mlflow.MlflowClient(store.as_uri())
+    evals = client.get_metric_history(runs[0].info.run_id, "eval_accuracy")
+    history = [h for h in json.loads((tracked.run_dir / "training_log.json").read_text()) if "eval_accuracy" in h]
+    assert [m.value for m in sorted(evals, key=lambda m: m.step)] == pytest.approx([h["eval_accuracy"] for h in history])
+    assert runs[0].data.params["learning_rate"] == "0.003"
