@@ -8,13 +8,14 @@ the run directory must hold that model whole (stage 3 gathers the shards) so tha
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_distributed import _files, _run, _torchrun
+from test_distributed import _files, _log, _run, _torchrun
 
 from conftest import make_texts, no_dropout_copy, tiny_config, tiny_llm_config
 from textclass.config import Config
@@ -35,10 +36,10 @@ def _files_of(root: Path) -> dict[str, Path]:
     return files
 
 
-def _train(cfg: dict, name: str, root: Path, deepspeed: str | None, nproc: int = 2) -> Path:
+def _train(cfg: dict, name: str, root: Path, deepspeed: str | None, nproc: int = 2, **training: object) -> Path:
     """`cfg` trained into root/name with `nproc` processes (DDP, or ZeRO with `deepspeed`)."""
     out = root / name
-    cfg = {**cfg, "training": {**cfg["training"], "output_dir": str(out), "deepspeed": deepspeed}}
+    cfg = {**cfg, "training": {**cfg["training"], "output_dir": str(out), "deepspeed": deepspeed, **training}}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     if nproc == 1:
         _run(["-m", "textclass", "train", "-c", str(root / f"{name}.yaml")])
@@ -61,7 +62,8 @@ def encoder_runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     root = tmp_path_factory.mktemp("zero")
     cfg = tiny_config(no_dropout_copy(tiny_bert, root / "model"), _files_of(root), root, epochs=2, batch_size=8, precision="fp32")
     cfg["model"]["dropout"] = 0.0
-    return {stage: _train(cfg, stage, root, None if stage == "ddp" else stage) for stage in ("ddp", "zero2", "zero3")}
+    runs = {stage: _train(cfg, stage, root, None if stage == "ddp" else stage) for stage in ("ddp", "zero2")}
+    return runs | {"zero3": _train(cfg, "zero3", root, "zero3", keep_checkpoints=True)}  # for the --resume test
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -84,6 +86,19 @@ def test_zero_trains_the_ddp_model_and_saves_it_whole(encoder_runs: dict[str, Pa
         torch.testing.assert_close(saved[k], want[k], rtol=0, atol=1e-4, msg=k)
     torch.testing.assert_close(_logits(run), _logits(ddp), rtol=0, atol=1e-4)
     assert _metrics(run)["test"]["accuracy"] == _metrics(ddp)["test"]["accuracy"]
+
+
+def test_resume_under_zero3_continues_the_run_exactly(encoder_runs: dict[str, Path], tmp_path: Path) -> None:
+    """Each rank reloads its own shards of the optimizer state from the checkpoint of epoch 1."""
+    run, out = encoder_runs["zero3"], tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints", out / "checkpoints")
+    last = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shutil.rmtree(last)
+    assert len(list((out / "checkpoints").glob("checkpoint-*/global_step*/*optim_states.pt"))) == 2  # one shard per rank
+    _run(["-m", "textclass", "train", "-o", str(out), "--resume", "--nproc", "2"])
+    evals = [[(h["step"], h["eval_loss"]) for h in _log(d) if "eval_loss" in h] for d in (run, out)]
+    assert evals[0] == evals[1]
+    assert (out / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
 
 
 def test_lora_under_zero3_saves_a_whole_adapter_and_head(tiny_llama: Path, tmp_path: Path) -> None:
