@@ -1,7 +1,8 @@
 """Training under torchrun (DDP, 2 processes, gloo on CPU): the same run as one process at the same global
 batch, ranks that agree on every weight, rank 0 alone writing, --resume, k-fold, distillation, --nproc.
 
-Each multi-process run is a subprocess with a timeout, so a hang fails the test instead of blocking the suite.
+Each multi-process run is a subprocess with a timeout (ddp_helpers), so a hang fails the test instead of
+blocking the suite.
 """
 
 from __future__ import annotations
@@ -9,25 +10,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
+from ddp_helpers import assert_trains_like, half_batch, log, python, same_batches, torchrun
 
-import textclass
-from conftest import make_texts, no_dropout_copy, tiny_config
-from textclass import train
 from textclass.errors import UserError
 from textclass.rundir import WEIGHTS_FILE, load_model
 from textclass.training import distributed
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed without gloo")
 
-TIMEOUT = 300
-SRC = str(Path(textclass.__file__).resolve().parents[1])
 # Trains through textclass.train under torchrun; each rank saves its network's final weights (after the
 # Trainer's end-of-training loads and weight averaging) as rank<R>.pt in argv[1].
 DUMP_WEIGHTS = """
@@ -50,33 +46,6 @@ textclass.train(sys.argv[2])
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    if Path("/sys/class/net/lo").is_dir():  # gloo on the loopback interface, as `train --nproc` sets it
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
-
-
-def _run(args: list[str], expect: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, *args], env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == expect, done.stderr[-3000:]
-    return done
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    return _run(["-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1", "--nproc-per-node", "2", *args])
-
-
-def _files(run_dir: Path) -> set[str]:
-    """The run directory's files (checkpoints aside: not part of a finished run)."""
-    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
-
-
-def _log(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "training_log.json").read_text())
-
-
 def _ranks_agree(folder: Path) -> dict[str, torch.Tensor]:
     """Both ranks' final weights, which must be equal bit for bit; returns rank 0's."""
     first, second = torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
@@ -97,47 +66,27 @@ def _saved_equal(run_dir: Path, weights: dict[str, torch.Tensor]) -> None:
 # -- one process vs two at the same global batch -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_and_two(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """The same run with 1 process at batch 16 and with 2 at batch 8 (through `train --nproc 2`).
-
-    128 training texts (8 full global batches an epoch) and no dropout: both runs then see the same batches
-    in the same order (the length groups are formed over the global batch), so only floating-point
-    summation order separates them. The 2-process run keeps its checkpoints for the --resume test.
-    """
+    """The same run with 1 process at batch 16 and with 2 at batch 8 (through `train --nproc 2`); the
+    2-process run keeps its checkpoints for the --resume test."""
     root = tmp_path_factory.mktemp("ddp")
-    files = {}
-    for split, (n, seed) in {"train": (128, 10), "valid": (30, 11), "test": (30, 12)}.items():
-        files[split] = root / f"{split}.csv"
-        make_texts(n, seed).to_csv(files[split], index=False)
-    model = no_dropout_copy(tiny_bert, root / "model")
-    cfg = tiny_config(model, files, root / "one", epochs=4, batch_size=16)
-    cfg["model"]["dropout"] = 0.0
-    train(cfg)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = same_batches(tiny_bert, root)
     two = root / "two"
-    sets = ["training.batch_size=8", "training.keep_checkpoints=true", "training.save_total_limit=10"]
-    _run(["-m", "textclass", "train", "-c", str(path), "-o", str(two), "--nproc", "2", *(a for s in sets for a in ("--set", s))])
-    return root / "one", two, cfg
+    python(
+        "-m",
+        "textclass",
+        "train",
+        "-c",
+        str(path),
+        "--nproc",
+        "2",
+        *half_batch(two, "training.keep_checkpoints=true", "training.save_total_limit=10"),
+    )
+    return root / "one", two, yaml.safe_load(path.read_text())
 
 
 def test_two_processes_train_like_one_at_the_same_global_batch(one_and_two) -> None:
-    """Tolerances: measured here |valid loss difference| 0.002 after 32 steps, accuracy equal. The same
-    single-process run with 1 thread instead of 2 (summation order alone) already differs by 0.0002-0.0006
-    in valid loss, and the tiny model at lr 3e-3 amplifies such differences, so we allow 0.02 in loss and
-    one text of 30 in accuracy. The first step's loss has seen no update yet: equal to 1e-5."""
     one, two, _ = one_and_two
-    assert _files(one) == _files(two)  # the same run directory, written once
-    first_one, first_two = _log(one)[0], _log(two)[0]
-    assert first_one["step"] == first_two["step"] == 1
-    assert abs(first_one["loss"] - first_two["loss"]) < 1e-5  # the mean over the same 16 texts: not doubled
-    evals_one = [h for h in _log(one) if "eval_loss" in h]
-    evals_two = [h for h in _log(two) if "eval_loss" in h]
-    assert [h["step"] for h in evals_one] == [h["step"] for h in evals_two] == [8, 16, 24, 32]
-    assert abs(evals_one[-1]["eval_loss"] - evals_two[-1]["eval_loss"]) < 0.02
-    m_one = json.loads((one / "metrics.json").read_text())
-    m_two = json.loads((two / "metrics.json").read_text())
-    assert abs(m_one["valid"]["accuracy"] - m_two["valid"]["accuracy"]) <= 1 / 30 + 1e-9
-    assert m_two["train"]["global_step"] == m_one["train"]["global_step"] == 32
+    assert_trains_like(one, two)
 
 
 def test_resume_under_torchrun_reproduces_the_run(one_and_two, tmp_path: Path) -> None:
@@ -149,9 +98,9 @@ def test_resume_under_torchrun_reproduces_the_run(one_and_two, tmp_path: Path) -
         if int(ckpt.name.split("-")[1]) > 16:
             shutil.rmtree(ckpt)
     assert (out / "checkpoints" / "checkpoint-16" / "rng_state_1.pth").is_file()  # each rank's RNG state
-    _run(["-m", "textclass", "train", "-o", str(out), "--resume", "--nproc", "2"])
-    want = {h["step"]: h["eval_loss"] for h in _log(two) if "eval_loss" in h}
-    got = {h["step"]: h["eval_loss"] for h in _log(out) if "eval_loss" in h}
+    python("-m", "textclass", "train", "-o", str(out), "--resume", "--nproc", "2")
+    want = {h["step"]: h["eval_loss"] for h in log(two) if "eval_loss" in h}
+    got = {h["step"]: h["eval_loss"] for h in log(out) if "eval_loss" in h}
     assert {s: got[s] for s in (24, 32)} == {s: want[s] for s in (24, 32)}  # the same batches, exactly
     assert (out / WEIGHTS_FILE).read_bytes() == (two / WEIGHTS_FILE).read_bytes()
 
@@ -166,7 +115,7 @@ def test_fasttext_sparse_table_is_identical_on_both_ranks(toy_files: dict, tmp_p
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "dump.py").write_text(DUMP_WEIGHTS)
-    _torchrun(str(tmp_path / "dump.py"), str(tmp_path), str(tmp_path / "cfg.yaml"))
+    torchrun(str(tmp_path / "dump.py"), str(tmp_path), str(tmp_path / "cfg.yaml"))
     weights = _ranks_agree(tmp_path)
     assert weights["embedding.weight"][5000:].abs().sum() > 0  # hashed rows trained
     _saved_equal(tmp_path / "run", weights)
@@ -178,7 +127,7 @@ def test_adversarial_and_ema_ranks_agree_on_the_final_weights(tiny_bert: Path, t
     cfg = tiny_config(tiny_bert, toy_files, tmp_path / "run", epochs=2, batch_size=8, adversarial="fgm", ema_decay=0.99)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "dump.py").write_text(DUMP_WEIGHTS)
-    _torchrun(str(tmp_path / "dump.py"), str(tmp_path), str(tmp_path / "cfg.yaml"))
+    torchrun(str(tmp_path / "dump.py"), str(tmp_path), str(tmp_path / "cfg.yaml"))
     _saved_equal(tmp_path / "run", _ranks_agree(tmp_path))
     assert (tmp_path / "run" / "config.yaml").is_file()
 
@@ -189,7 +138,7 @@ def test_kfold_and_distillation_under_torchrun(one_and_two, toy_files: dict, tmp
     one, _, cfg = one_and_two
     kfold = {**cfg, "training": {**cfg["training"], "output_dir": str(tmp_path / "kfold"), "kfold": 2, "epochs": 1}}
     (tmp_path / "kfold.yaml").write_text(yaml.safe_dump(kfold))
-    _torchrun("-m", "textclass", "train", "-c", str(tmp_path / "kfold.yaml"))
+    torchrun("-m", "textclass", "train", "-c", str(tmp_path / "kfold.yaml"))
     ensemble = load_model(tmp_path / "kfold")
     assert len(ensemble.members) == 2  # type: ignore[attr-defined]
     assert (tmp_path / "kfold" / "oof_predictions.csv").is_file()
@@ -203,7 +152,7 @@ def test_kfold_and_distillation_under_torchrun(one_and_two, toy_files: dict, tmp
     cache = Path(os.environ["TEXTCLASS_CACHE"]) / "teacher_logits"
     before = set(cache.glob("*.npy")) if cache.is_dir() else set()
     out = tmp_path / "student"
-    _torchrun("-m", "textclass", "distill", "--teacher", str(one), "-c", str(tmp_path / "student.yaml"), "-o", str(out))
+    torchrun("-m", "textclass", "distill", "--teacher", str(one), "-c", str(tmp_path / "student.yaml"), "-o", str(out))
     assert len(set(cache.glob("*.npy")) - before) == 1
     assert not list(cache.glob(".*"))  # no temp file left behind by a second writer
     assert json.loads((out / "metrics.json").read_text())["distill"]["teachers"][0]["run_dir"] == str(one.resolve())
@@ -216,13 +165,13 @@ def test_a_user_error_under_nproc_is_one_line_and_exit_2(tiny_bert: Path, toy_fi
     blocker.write_text("not a folder")
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(tiny_bert, toy_files, blocker)))
-    done = _run(["-m", "textclass", "train", "-c", str(cfg), "--nproc", "2"], expect=2)
+    done = python("-m", "textclass", "train", "-c", str(cfg), "--nproc", "2", expect=2)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {blocker}: is a file, not a folder; choose another --output for the run directory"]
     assert blocker.read_text() == "not a folder"
 
 
-def test_nproc_is_refused_below_one_and_inside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nproc_is_refused_below_one_and_insidetorchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UserError, match="--nproc 0: .*at least 1"):
         distributed.refuse_nproc(0)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -1,7 +1,9 @@
 """The one place that knows about ranks: training under torchrun (DDP), one process per device.
 
 `torchrun --nproc_per_node N -m textclass train ...` (or `textclass train --nproc N`, which starts torchrun
-through `launch`) runs the same program N times. The Trainer shards the batches and all-reduces the
+through `launch`, or `accelerate launch --multi_gpu --num_processes N -m textclass train ...`, which runs
+torchrun underneath, on CPU too) runs the same program N times, numbered by torchrun's environment
+(WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT). The Trainer shards the batches and all-reduces the
 gradients (DDP); everything around it follows one rule here: rank 0 does what happens once (read and
 split the data, write the tokenization cache, the run directory, reports, logs), the other ranks wait
 for it or take its result, and no file is ever written by two ranks.
@@ -40,6 +42,37 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# The world sizes MPI launchers give each process (Intel MPI/MPICH and Slurm's PMI, Open MPI, MVAPICH): the
+# variables accelerate's own CPU launch (`accelerate launch --cpu` with mpirun) relies on instead of WORLD_SIZE.
+MPI_WORLD_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launch() -> None:
+    """Catch, before any work, the launches that would not make one run of several processes.
+
+    Processes numbered only by MPI (mpirun, `srun` without torchrun) would each train alone and write the
+    same run directory: refused. `accelerate launch --cpu --num_processes N` without mpirun starts one
+    process (with MASTER_ADDR/PORT set for the N it was asked for): warned, since the run itself is sound.
+    """
+    if launched():
+        return
+    for key in MPI_WORLD_SIZES:
+        size = os.environ.get(key, "1")
+        if not size.isdigit() or int(size) < 2:
+            continue
+        raise UserError(
+            f"{key}={size}: this process is one of {size} started by MPI (mpirun, srun), which textclass does not join into one "
+            "run; each would train alone into the same run directory. Start them with torchrun (one per node, "
+            "docs/scaling.md) or `accelerate launch --multi_gpu --num_processes N`"
+        )
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") and "MASTER_PORT" in os.environ:
+        log.warning(
+            "accelerate launch --cpu started this process alone (several processes on CPU need mpirun there): "
+            "training with 1 process. For N processes use `accelerate launch --multi_gpu --num_processes N` "
+            "(torchrun underneath, on CPU too) or `textclass train --nproc N`"
+        )
+
+
 def needs_cpu_flag() -> bool:
     """Under torchrun on a machine without an accelerator: accelerate (and so the Trainer) starts DDP on
     CPU only when told the run is on CPU (`use_cpu`); otherwise each process would train alone."""
@@ -68,6 +101,7 @@ def barrier() -> None:
 def session() -> Iterator[None]:
     """A training entry point's scope: the process group started (under torchrun) and destroyed if this
     call started it, and textclass's log quiet on ranks other than 0 (each would repeat rank 0's lines)."""
+    check_launch()
     if not launched() or active():
         yield
         return
@@ -158,8 +192,8 @@ def refuse_nproc(nproc: int) -> None:
         raise UserError(f"--nproc {nproc}: the number of training processes must be at least 1")
     if launched():
         raise UserError(
-            f"--nproc: this process is already one of {os.environ.get('WORLD_SIZE')} started by torchrun; drop --nproc "
-            "(or run `textclass train --nproc N` without torchrun)"
+            f"--nproc: this process is already one of {os.environ.get('WORLD_SIZE')} started by torchrun (or accelerate "
+            "launch); drop --nproc (or run `textclass train --nproc N` without a launcher)"
         )
 
 
@@ -167,8 +201,9 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run `python -m textclass ARGV` as `nproc` processes on this machine through torchrun; returns the exit
     code (rank 0's when a rank failed, so that a user error still exits 2).
 
-    Single node only, everything on the loopback interface: the rendezvous store and the processes'
-    addresses on 127.0.0.1, and gloo's sockets on `lo` unless GLOO_SOCKET_IFNAME says otherwise.
+    Single node only, addressed on the loopback interface: the rendezvous store and the processes'
+    addresses are 127.0.0.1, and gloo's sockets on `lo` unless GLOO_SOCKET_IFNAME says otherwise. (torch's
+    TCPStore itself listens on every interface, whatever address it is given; docs/scaling.md.)
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
