@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_distributed import _files, _log, _run, _torchrun
 
 from conftest import make_texts, no_dropout_copy, tiny_config, tiny_llm_config
+from ddp_helpers import files, log, metrics, python, torchrun
 from textclass.config import Config
 from textclass.errors import UserError
 from textclass.rundir import load_model
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reaso
 TEXTS = make_texts(12, seed=5)["text"].tolist()
 
 
-def _files_of(root: Path) -> dict[str, Path]:
+def _data(root: Path) -> dict[str, Path]:
     files = {}
     for split, (n, seed) in {"train": (96, 10), "valid": (30, 11), "test": (30, 12)}.items():
         files[split] = root / f"{split}.csv"
@@ -42,9 +42,9 @@ def _train(cfg: dict, name: str, root: Path, deepspeed: str | None, nproc: int =
     cfg = {**cfg, "training": {**cfg["training"], "output_dir": str(out), "deepspeed": deepspeed, **training}}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     if nproc == 1:
-        _run(["-m", "textclass", "train", "-c", str(root / f"{name}.yaml")])
+        python("-m", "textclass", "train", "-c", str(root / f"{name}.yaml"))
     else:
-        _torchrun("-m", "textclass", "train", "-c", str(root / f"{name}.yaml"))
+        torchrun("-m", "textclass", "train", "-c", str(root / f"{name}.yaml"))
     return out
 
 
@@ -52,15 +52,11 @@ def _logits(run_dir: Path) -> torch.Tensor:
     return torch.as_tensor(load_model(run_dir).predict_logits(TEXTS))
 
 
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def encoder_runs(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny BERT without dropout, 2 processes at batch 8: DDP, ZeRO-2 and ZeRO-3."""
     root = tmp_path_factory.mktemp("zero")
-    cfg = tiny_config(no_dropout_copy(tiny_bert, root / "model"), _files_of(root), root, epochs=2, batch_size=8, precision="fp32")
+    cfg = tiny_config(no_dropout_copy(tiny_bert, root / "model"), _data(root), root, epochs=2, batch_size=8, precision="fp32")
     cfg["model"]["dropout"] = 0.0
     runs = {stage: _train(cfg, stage, root, None if stage == "ddp" else stage) for stage in ("ddp", "zero2")}
     return runs | {"zero3": _train(cfg, "zero3", root, "zero3", keep_checkpoints=True)}  # for the --resume test
@@ -72,12 +68,12 @@ def test_zero_trains_the_ddp_model_and_saves_it_whole(encoder_runs: dict[str, Pa
     the DDP run's logits. Tolerance: ZeRO reduces gradients in buckets, a different summation order than
     DDP's all-reduce; measured differences are ~1e-6."""
     ddp, run = encoder_runs["ddp"], encoder_runs[stage]
-    assert _files(run) == _files(ddp)
-    summary = _metrics(run)["train"]
+    assert files(run) == files(ddp)
+    summary = metrics(run)["train"]
     assert (summary["processes"], summary["zero_stage"]) == (2, int(stage[-1]))
-    assert _metrics(ddp)["train"]["zero_stage"] is None
-    ddp_log = [h["loss"] for h in json.loads((ddp / "training_log.json").read_text()) if "loss" in h]
-    run_log = [h["loss"] for h in json.loads((run / "training_log.json").read_text()) if "loss" in h]
+    assert metrics(ddp)["train"]["zero_stage"] is None
+    ddp_log = [h["loss"] for h in log(ddp) if "loss" in h]
+    run_log = [h["loss"] for h in log(run) if "loss" in h]
     assert run_log == pytest.approx(ddp_log, abs=1e-4)
     saved, want = load_file(str(run / "model.safetensors")), load_file(str(ddp / "model.safetensors"))
     assert saved.keys() == want.keys()
@@ -85,7 +81,7 @@ def test_zero_trains_the_ddp_model_and_saves_it_whole(encoder_runs: dict[str, Pa
         assert saved[k].shape == want[k].shape and saved[k].numel() > 0, k
         torch.testing.assert_close(saved[k], want[k], rtol=0, atol=1e-4, msg=k)
     torch.testing.assert_close(_logits(run), _logits(ddp), rtol=0, atol=1e-4)
-    assert _metrics(run)["test"]["accuracy"] == _metrics(ddp)["test"]["accuracy"]
+    assert metrics(run)["test"]["accuracy"] == metrics(ddp)["test"]["accuracy"]
 
 
 def test_resume_under_zero3_continues_the_run_exactly(encoder_runs: dict[str, Path], tmp_path: Path) -> None:
@@ -95,17 +91,17 @@ def test_resume_under_zero3_continues_the_run_exactly(encoder_runs: dict[str, Pa
     last = max((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     shutil.rmtree(last)
     assert len(list((out / "checkpoints").glob("checkpoint-*/global_step*/*optim_states.pt"))) == 2  # one shard per rank
-    _run(["-m", "textclass", "train", "-o", str(out), "--resume", "--nproc", "2"])
-    evals = [[(h["step"], h["eval_loss"]) for h in _log(d) if "eval_loss" in h] for d in (run, out)]
+    python("-m", "textclass", "train", "-o", str(out), "--resume", "--nproc", "2")
+    evals = [[(h["step"], h["eval_loss"]) for h in log(d) if "eval_loss" in h] for d in (run, out)]
     assert evals[0] == evals[1]
     assert (out / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
 
 
 def test_lora_under_zero3_saves_a_whole_adapter_and_head(tiny_llama: Path, tmp_path: Path) -> None:
     """PEFT + ZeRO-3 elsewhere saves an empty adapter (the shards); ours holds the DDP run's adapter and head."""
-    cfg = tiny_llm_config(tiny_llama, _files_of(tmp_path), tmp_path, epochs=2, batch_size=8, precision="fp32")
+    cfg = tiny_llm_config(tiny_llama, _data(tmp_path), tmp_path, epochs=2, batch_size=8, precision="fp32")
     ddp, run = _train(cfg, "ddp", tmp_path, None), _train(cfg, "zero3", tmp_path, "zero3")
-    assert _files(run) == _files(ddp)
+    assert files(run) == files(ddp)
     for name in ("adapter/adapter_model.safetensors", "head.safetensors"):
         saved, want = load_file(str(run / name)), load_file(str(ddp / name))
         assert saved and saved.keys() == want.keys(), name
@@ -118,7 +114,7 @@ def test_lora_under_zero3_saves_a_whole_adapter_and_head(tiny_llama: Path, tmp_p
 def test_deepspeed_in_one_process_without_a_launcher(tiny_bert: Path, toy_files: dict, tmp_path: Path) -> None:
     """`textclass train` with training.deepspeed and no torchrun: a one-process group on loopback, not MPI."""
     run = _train(tiny_config(tiny_bert, toy_files, tmp_path, epochs=1, batch_size=16), "one", tmp_path, "zero3", nproc=1)
-    assert _metrics(run)["train"]["zero_stage"] == 3
+    assert metrics(run)["train"]["zero_stage"] == 3
     assert _logits(run).shape == (len(TEXTS), 3)
 
 
