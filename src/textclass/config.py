@@ -387,6 +387,10 @@ class SWAConfig(_Section):
     every_steps: int | None = Field(None, ge=1, description="Collect every N optimizer steps; unset: at each epoch's end.")
 
 
+# `training.deepspeed` presets (their DeepSpeed configs: training/zero.py)
+DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
+
+
 class TrainingConfig(_Section):
     """How to train; maps onto Hugging Face `TrainingArguments`."""
 
@@ -515,23 +519,11 @@ class TrainingConfig(_Section):
         "ensemble that predicts the mean of their probabilities; unset: off. See docs/kfold.md.",
     )
 
-    @field_validator("report_to")
-    @classmethod
-    def _known_trackers(cls, v: list[str]) -> list[str]:
-        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-        unknown = [name for name in v if name not in INTEGRATION_TO_CALLBACK]
-        if unknown:
-            raise ValueError(f"unknown tracker {unknown[0]!r}; use some of {sorted(INTEGRATION_TO_CALLBACK)}")
-        return list(dict.fromkeys(v))
-
     @field_validator("deepspeed")
     @classmethod
     def _deepspeed_preset_or_file(cls, v: str | None) -> str | None:
-        from textclass.training.zero import PRESETS
-
-        if v is not None and v not in PRESETS and not v.endswith(".json"):
-            raise ValueError(f"{v!r}: use {', '.join(PRESETS)} or the path of a DeepSpeed config file (.json)")
+        if v is not None and v not in DEEPSPEED_PRESETS and not v.endswith(".json"):
+            raise ValueError(f"{v!r}: use {', '.join(DEEPSPEED_PRESETS)} or the path of a DeepSpeed config file (.json)")
         return v
 
     @field_validator("kfold")

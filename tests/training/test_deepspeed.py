@@ -170,8 +170,10 @@ def test_config_refuses_what_deepspeed_cannot_run() -> None:
     for key, value in (("ema_decay", 0.99), ("adversarial", "fgm"), ("kfold", 3)):
         with pytest.raises(ValueError, match="cannot run under training.deepspeed"):
             Config.model_validate({**base, "training": {"deepspeed": "zero2", key: value}})
-    with pytest.raises(ValueError, match="unknown tracker 'mlfow'"):
-        Config.model_validate({**base, "training": {"report_to": ["mlfow"]}})
+    from textclass.training.trainer import check_trackers
+
+    with pytest.raises(UserError, match="training.report_to: unknown tracker 'mlfow'; use some of .*mlflow"):
+        check_trackers(Config.model_validate({**base, "training": {"report_to": ["mlfow"]}}).training.report_to)
 
 
 def test_fasttext_under_deepspeed_is_refused_before_the_run_directory(toy_files: dict, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from textclass.training import distributed, zero
 from textclass.training.losses import make_loss
 from textclass.training.noisytune import apply_noisytune
 from textclass.training.resume import check_resume_config, last_complete_checkpoint, pending_config
-from textclass.training.trainer import ExtraTargets, build_trainer, resolve_precision, tokenize
+from textclass.training.trainer import ExtraTargets, build_trainer, check_trackers, resolve_precision, tokenize
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,6 +112,7 @@ def start_run(cfg: Config, resume: bool) -> tuple[Family, Path, dict[str, list[A
     if cfg.training.num_threads:
         torch.set_num_threads(cfg.training.num_threads)
     family = get_family(cfg.model.family)
+    check_trackers(cfg.training.report_to)
     resolve_defaults(cfg, family)
     run_dir = Path(cfg.training.output_dir) if cfg.training.output_dir else default_run_dir(cfg)
     cfg.training.output_dir = str(run_dir)

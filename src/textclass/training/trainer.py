@@ -550,6 +550,17 @@ def training_arguments(
     )
 
 
+def check_trackers(names: list[str]) -> None:
+    """`training.report_to` names the Trainer knows (checked when training starts, not when a config is read:
+    the list lives in transformers, which an ONNX predictor reading the same config never imports)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+        raise UserError(f"training.report_to: unknown tracker {unknown[0]!r}; use some of {known}")
+
+
 def tensorboard_callback(log_dir: Path) -> Any:
     """TensorBoard logs in the run directory (HF's default puts them under checkpoints/, which we delete)."""
     from transformers.integrations import TensorBoardCallback

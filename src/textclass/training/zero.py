@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from textclass.config import DEEPSPEED_PRESETS
 from textclass.errors import UserError
 from textclass.training.optim import sparse_parameters
 
@@ -54,6 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "zero3": _ZERO3,
     "zero3_offload": {**_ZERO3, "offload_optimizer": _OFFLOAD, "offload_param": _OFFLOAD},
 }
+assert tuple(PRESETS) == DEEPSPEED_PRESETS  # the names the config accepts
 _HIDDEN_SIZE_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 
 
