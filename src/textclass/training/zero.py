@@ -5,9 +5,11 @@ checkpoints with sharded optimizer state, loading the best checkpoint). What is 
 - the presets `zero2`, `zero3`, `zero3_offload`: DeepSpeed configs with `auto` values the Trainer fills in from
   the training section (batch size, accumulation, clipping, precision), so the user never writes one twice;
 - a user's own JSON config, read and checked here so a mistake is one line naming the key;
-- the refusals (what ZeRO cannot partition, and tricks that touch weights outside the engine);
+- the refusal of what ZeRO cannot partition (the config refuses the tricks that touch weights outside the
+  engine: `TrainingConfig._deepspeed_combinations`);
+- the setup accelerate lacks on a machine without GPU, and for one process without a launcher;
 - after ZeRO-3 training, every weight gathered in full onto rank 0 so the run directory holds a plain model
-  that loads in one process (`full_weights`).
+  that loads in one process (`full_network`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ _ZERO3: dict[str, Any] = {
     "reduce_bucket_size": "auto",
     "stage3_prefetch_bucket_size": "auto",
     "stage3_param_persistence_threshold": "auto",
-    # the run directory must hold whole weights, not shards (see `full_weights`)
+    # the run directory must hold whole weights, not shards (see `full_network`)
     "stage3_gather_16bit_weights_on_model_save": True,
 }
 _OFFLOAD = {"device": "cpu", "pin_memory": True}
