@@ -134,6 +134,22 @@ def format_report(report: dict, title: str = "") -> str:
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
+def format_table(frame: pd.DataFrame, title: str = "") -> str:
+    """A data frame as a plain-text table for the CLI (text left, numbers right, floats to 4 significant digits)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None, show_header=True)
+    for column in frame.columns:
+        numeric = pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column])
+        table.add_column(str(column), justify="right" if numeric else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*("" if pd.isna(v) else f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row))
+    console = Console(file=io.StringIO(), width=160, color_system=None, force_terminal=False, highlight=False)
+    console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{value:.4f}"
