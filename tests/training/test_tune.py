@@ -260,6 +260,27 @@ def test_a_distill_section_is_refused(tmp_path: Path) -> None:
         check_tune({"data": {"train": "t.csv"}, "distill": {"teachers": ["runs/x"]}}, tmp_path / "space.yaml", 5, "median")
 
 
+def test_the_example_space_fits_the_demo_config() -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    cfg, space = check_tune(yaml.safe_load((configs / "demo.yaml").read_text()), configs / "tune_space.yaml", 20, "median")
+    assert "model.dropout" in space and cfg.training.best_metric == "macro_f1"
+
+
+def test_no_finished_trial_is_one_line_and_leaves_nothing(tiny_bert: Path, tmp_path: Path) -> None:
+    """Values that are valid alone but not together fail each trial (before any training); with no trial
+    finished there is no best config: one line with the first failure's reason, the new folder removed."""
+    cfg, _ = _world(tiny_bert, tmp_path)
+    space = tmp_path / "clash.yaml"
+    space.write_text(
+        "model.dropout: {type: categorical, choices: [0.0]}\nmodel.multisample_dropout: {type: int, low: 4, high: 4}\n"
+    )
+    with pytest.raises(
+        UserError, match=r"none of the 2 trial\(s\) finished \(2 fail\); the first failure: .*multisample_dropout"
+    ):
+        tune(cfg, space, 2, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 # -- torchrun ---------------------------------------------------------------------------------------------------------
 TUNE_AND_RECORD = """
 import json, os, sys

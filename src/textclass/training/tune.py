@@ -178,7 +178,9 @@ def _open_study(folder: Path, direction: Direction, trials: int, resume: bool, r
     """
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # The log says what each trial did (values, result, pruned, failed); Optuna's own lines would repeat it,
+    # a trial stopped by Ctrl-C with a traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     if not resume:
         optuna.create_study(study_name=STUDY_NAME, storage=_storage(folder), direction=direction).set_user_attr("search", record)
         return trials, 0
@@ -323,6 +325,9 @@ class Search:
             log.warning("trial %d failed: %s", number, message)
             trial.set_user_attr(FAILED, message[:500])
             return math.nan
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAILED, "stopped by Ctrl-C")
+            raise
         finally:
             trainer = None
             gc.collect()
@@ -411,7 +416,7 @@ def trials_frame(trials: list[optuna.trial.FrozenTrial], keys: list[str]) -> pd.
     rows = []
     for t in trials:
         reports = t.intermediate_values
-        value = t.value if t.state.name == "COMPLETE" else reports[max(reports)] if reports else None
+        value = t.value if t.state.name == "COMPLETE" else reports[max(reports)] if reports and t.state.name == "PRUNED" else None
         rows.append(
             {
                 "number": t.number,
@@ -438,4 +443,4 @@ def format_trials(result: TuneResult) -> str:
     if not frame["error"].astype(bool).any():
         frame = frame.drop(columns="error")
     arrow = "lower" if result.direction == "minimize" else "higher"
-    return format_table(frame, title=f"trials: valid {result.metric} ({arrow} is better)")
+    return format_table(frame, title=f"trials: valid {result.metric} ({arrow} is better)", fixed=("value",))
