@@ -118,7 +118,8 @@ def tune(
     from textclass.api import raw_config
     from textclass.api import tune as api_tune
     from textclass.training import distributed
-    from textclass.training.tune import check_tune, format_trials
+    from textclass.training.tune import check_tune
+    from textclass.training.tune_folder import format_trials
 
     if nproc is not None:
         distributed.refuse_nproc(nproc)

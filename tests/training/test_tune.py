@@ -29,7 +29,8 @@ from textclass.config import load_config
 from textclass.errors import UserError
 from textclass.training import tune as tune_module
 from textclass.training.space import read_space
-from textclass.training.tune import TrialTrainer, check_tune, format_trials
+from textclass.training.tune import TrialTrainer, check_tune
+from textclass.training.tune_folder import format_trials
 
 GOOD, BAD = 1e-3, 5.0
 SPACE = {
@@ -185,7 +186,7 @@ def _reporting_trainer(keep_best: bool) -> TrialTrainer:
     trainer = TrialTrainer.__new__(TrialTrainer)  # only what the report reads
     trainer.hp_search_backend = "optuna"
     trainer.compute_objective = lambda metrics: metrics["eval_macro_f1"]
-    trainer.args = SimpleNamespace(load_best_model_at_end=keep_best, greater_is_better=True)
+    trainer.args = SimpleNamespace(load_best_model_at_end=keep_best, greater_is_better=True, metric_for_best_model="macro_f1")
     trainer.state = SimpleNamespace(global_step=0, max_steps=30)
     trainer.callback_handler = SimpleNamespace(on_train_end=lambda *args: None)
     trainer.control = None
@@ -210,7 +211,7 @@ def test_pruning_stops_a_trial_but_never_at_its_last_evaluation() -> None:
     trainer._report_to_hp_search(trial, 30, {"eval_macro_f1": 0.4})
     trainer, trial = _reporting_trainer(False), _Trial(prune=True)
     trainer.state.global_step = 10
-    with pytest.raises(optuna.TrialPruned, match="evaluation 1"):
+    with pytest.raises(optuna.TrialPruned, match="evaluation 1 .valid macro_f1 0.4000"):
         trainer._report_to_hp_search(trial, 10, {"eval_macro_f1": 0.4})
 
 
@@ -237,6 +238,7 @@ SPACE_OK = "training.epochs: {type: int, low: 1, high: 2}"
         ("training.epochs: 3", {}, ("space.yaml", "training.epochs", "must be a mapping with `type`")),
         ("data.valid_ratio: {type: float, low: 0.1, high: 0.2}", {}, ("space.yaml", "data.valid_ratio", "read once")),
         ("training.best_metric: {type: categorical, choices: [loss]}", {}, ("training.best_metric", "objective")),
+        ("training.num_threads: {type: int, low: 1, high: 2}", {}, ("training.num_threads", "a trial does not use it")),
         (SPACE_OK, {"training": {"kfold": 3}}, ("training.kfold",)),
         (SPACE_OK, {"trials": 0}, ("--trials 0",)),
         (SPACE_OK, {"pruner": "hyperband"}, ("--pruner hyperband", "median")),

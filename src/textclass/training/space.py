@@ -24,13 +24,17 @@ from textclass.config import Config, build_config, read_config_file
 from textclass.errors import UserError
 
 # Keys a search must not vary: the data (read once for every trial), the objective itself, what a trial
-# cannot be (k folds, a distilled student) and where a run is written.
+# cannot be (k folds, a distilled student), where a run is written, and what a trial never uses (it keeps
+# no checkpoints and writes no reports; the threads are set once).
+NO_EFFECT = "a trial does not use it (no checkpoints, no reports, threads set once); set it in the config"
 FIXED = {
     "data": "the data is read once for all trials; set it in the config",
     "distill": "tune does not distil; tune the student's config with `textclass train` settings",
     "training.kfold": "a trial is one model; tune without k-fold, then train the best config with training.kfold",
     "training.best_metric": "it is the objective every trial is compared by; set it in the config",
     "training.output_dir": "each trial trains in the tune folder; pass --output instead",
+    **{key: NO_EFFECT for key in ("training.keep_checkpoints", "training.save_total_limit", "training.num_threads")},
+    **{key: NO_EFFECT for key in ("evaluation.tune_threshold", "evaluation.badcases")},
 }
 EXAMPLE = "e.g. training.learning_rate: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}"
 
@@ -147,8 +151,10 @@ def _describe(err: ValidationError) -> str:
         return f"`{where[-1]}` is missing"
     if e["type"] == "extra_forbidden":
         return f"unknown field `{where[-1]}` (a distribution takes type, low, high, log, step or choices)"
+    if where[:1] == ["choices"] and len(where) > 1:
+        return f"the choice {e['input']} is not a number, a string, a boolean or null (Optuna's kinds of choice)"
     msg = str(e["msg"]).removeprefix("Value error, ")
-    return f"`{'.'.join(where)}` {msg}" if where else msg
+    return f"`{where[0]}`: {msg[:1].lower()}{msg[1:]}" if where else msg
 
 
 def with_values(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

@@ -11,9 +11,8 @@ that is worse than the median of earlier trials at the same evaluation.
 
 A trial's value is its validation `training.best_metric`: its best evaluation when the config keeps the best
 checkpoint (`final_model: best`), else its last. Trials save no checkpoints (their models are dropped after
-the last evaluation; a fastText table would be rewritten ~1 GB at a time). The tune folder gets trials.csv,
-trials.png, best.yaml (the best trial's config, for `textclass train --config`) and study.db (the Optuna
-study, which `--resume` continues).
+the last evaluation; a fastText table would be rewritten ~1 GB at a time). What the tune folder holds, and
+the results written into it, are `training.tune_folder`'s.
 """
 
 from __future__ import annotations
@@ -26,11 +25,9 @@ import shutil
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
-import yaml
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import HPSearchBackend
@@ -38,44 +35,30 @@ from transformers.trainer_utils import HPSearchBackend
 from textclass.config import Config, build_config
 from textclass.data.prepare import PreparedData
 from textclass.errors import Interrupted, UserError
-from textclass.evaluation import format_table, plot_trials
-from textclass.fileio import atomic_write
 from textclass.models.registry import get_family
 from textclass.rundir import CHECKPOINTS_DIR
 from textclass.training import distributed
-from textclass.training.run import build_model, default_run_dir, prepare_output, resolve_defaults, start_run, vocabulary_texts
-from textclass.training.space import Param, check_space, read_space, trial_config, with_values
+from textclass.training.run import build_model, default_run_dir, resolve_defaults, start_run, vocabulary_texts
+from textclass.training.space import Param, check_space, read_space, trial_config
 from textclass.training.trainer import LOWER_IS_BETTER, ClassifierTrainer, build_trainer, tokenize, training_arguments
+from textclass.training.tune_folder import (
+    FAILED,
+    STUDY_FILE,
+    STUDY_NAME,
+    TRIAL_DIR,
+    Direction,
+    TuneResult,
+    open_folder,
+    open_study,
+    storage,
+    write_results,
+)
 
 if TYPE_CHECKING:
     import optuna
 
 log = logging.getLogger("textclass")
-
-# -- the tune folder's files ---------------------------------------------------------------------------------------
-TRIALS_FILE = "trials.csv"  # one row per trial: number, state, value, each parameter, evaluations, duration, error
-PLOT_FILE = "trials.png"
-BEST_FILE = "best.yaml"  # the best trial's config, ready for `textclass train --config`
-STUDY_FILE = "study.db"  # the Optuna study (SQLite); written as trials finish, continued by --resume
-TRIAL_DIR = "trial-{}"  # a trial's Trainer output while it runs (removed after; TensorBoard logs stay)
-STUDY_NAME = "textclass-tune"
-FAILED = "failed"  # the user attribute holding why a trial failed
 PRUNERS = ("median", "none")
-Direction = Literal["minimize", "maximize"]
-
-
-@dataclass
-class TuneResult:
-    """A finished search: the best trial and every trial's row (as in trials.csv)."""
-
-    folder: Path
-    metric: str
-    direction: Direction
-    best_trial: int
-    best_value: float
-    best_params: dict[str, Any]
-    trials: pd.DataFrame
-    files: dict[str, Path]
 
 
 def default_tune_dir(cfg: Config) -> Path:
@@ -128,22 +111,23 @@ def run_tune(
     with distributed.session():
         folder = Path(output) if output is not None else default_tune_dir(cfg)
         family, _, _, data = start_run(cfg, resume=False)  # resolves the base's defaults: the driver's arguments
-        created = distributed.on_main(_open_folder, folder, resume, overwrite)
-        direction: Direction = "minimize" if cfg.training.best_metric in LOWER_IS_BETTER else "maximize"
-        record = {"config": _base(raw), "space": {k: p.model_dump() for k, p in parsed.items()}}
-        left, done = distributed.on_main(_open_study, folder, direction, trials, resume, record)
-        search = Search(_base(raw), parsed, str(space), data, vocabulary_texts(data.train), folder, cfg.training.best_metric)
+        created = distributed.on_main(open_folder, folder, resume, overwrite)
+        base, metric = _base(raw), cfg.training.best_metric
+        direction: Direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+        record = {"config": base, "space": {k: p.model_dump() for k, p in parsed.items()}}
+        left, done = distributed.on_main(open_study, folder, direction, trials, resume, record)
+        search = Search(base, parsed, str(space), data, vocabulary_texts(data.train), folder, metric)
         driver = StudyTrainer(search, training_arguments(cfg, family, folder, has_valid=False))  # ranks, devices
         sampler_seed = (cfg.training.seed if seed is None else seed) + done  # a resumed search draws new values
-        log.info("tune: %d trial(s) to run in %s, %s valid %s", left, folder, direction, cfg.training.best_metric)
+        log.info("tune: %d trial(s) to run in %s, %s valid %s", left, folder, direction, metric)
         try:
             if left:
-                _search(driver, left, direction, folder, sampler_seed, pruner)
+                _search(driver, left, done, direction, folder, sampler_seed, pruner)
         except KeyboardInterrupt:
             raise Interrupted(
                 f"finished trials are kept in {folder / STUDY_FILE}; continue with the same command and --resume"
             ) from None
-        return distributed.on_main(_finish, search, folder, direction, created)
+        return distributed.on_main(write_results, folder, base, list(parsed), metric, direction, created)
 
 
 def _base(raw: dict[str, Any]) -> dict[str, Any]:
@@ -155,50 +139,9 @@ def _base(raw: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _open_folder(folder: Path, resume: bool, overwrite: bool) -> bool:
-    """Rank 0: the tune folder made (or, --overwrite, emptied) or, --resume, found; whether this call made it."""
-    if resume:
-        if not (folder / STUDY_FILE).is_file():
-            raise UserError(f"{folder}: --resume but no {STUDY_FILE} there (no tune to continue); tune again without --resume")
-        return False
-    finished, started = (folder / TRIALS_FILE).exists(), (folder / STUDY_FILE).exists()
-    held = "a finished tune" if finished else "an unfinished tune" if started else None
-    return prepare_output(folder, "tune folder", held, overwrite, ", or --resume to add trials")
-
-
-def _storage(folder: Path) -> str:
-    return f"sqlite:///{(folder / STUDY_FILE).resolve()}"
-
-
-def _open_study(folder: Path, direction: Direction, trials: int, resume: bool, record: dict[str, Any]) -> tuple[int, int]:
-    """Rank 0: the study, new or continued; returns (trials left to run, trials already finished).
-
-    A continued study must search the same space from the same base config, or its trials would not
-    compare; a trial left running by a killed tune is marked failed.
-    """
-    import optuna
-
-    # The log says what each trial did (values, result, pruned, failed); Optuna's own lines would repeat it,
-    # a trial stopped by Ctrl-C with a traceback.
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    if not resume:
-        optuna.create_study(study_name=STUDY_NAME, storage=_storage(folder), direction=direction).set_user_attr("search", record)
-        return trials, 0
-    study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(folder))
-    if study.user_attrs.get("search") != record:
-        raise UserError(
-            f"{folder}: --resume with another base config or search space than this tune started with; "
-            "give the same ones, or tune into another --output"
-        )
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-    done = len(study.trials)
-    log.info("tune: continuing %s (%d trial(s) finished)", folder / STUDY_FILE, done)
-    return max(0, trials - done), done
-
-
-def _search(driver: StudyTrainer, n: int, direction: Direction, folder: Path, seed: int, pruner: Any) -> None:
-    """The Trainer's search with Optuna (rank 0 samples and prunes; under torchrun the other ranks follow)."""
+def _search(driver: StudyTrainer, n: int, done: int, direction: Direction, folder: Path, seed: int, pruner: Any) -> None:
+    """The Trainer's search with Optuna for `n` more trials after `done` (rank 0 samples and prunes; under
+    torchrun the other ranks follow)."""
     import optuna
 
     if isinstance(pruner, str):
@@ -211,14 +154,16 @@ def _search(driver: StudyTrainer, n: int, direction: Direction, folder: Path, se
             direction=direction,
             backend="optuna",
             study_name=STUDY_NAME,
-            storage=_storage(folder),
+            storage=storage(folder),
             load_if_exists=True,
             sampler=optuna.samplers.TPESampler(seed=seed),
             pruner=pruner,
         )
-    except ValueError:  # hyperparameter_search asks the study for its best trial: there is none if none finished
-        study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(folder))
-        if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+    except ValueError:
+        # After its last trial hyperparameter_search asks the study for the best one, and there is none when no
+        # trial finished (`write_results` says so); a ValueError before that, or with a finished trial, is another one.
+        trials = optuna.load_study(study_name=STUDY_NAME, storage=storage(folder)).trials
+        if len(trials) < done + n or any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
             raise
 
 
@@ -266,7 +211,8 @@ class TrialTrainer(ClassifierTrainer):
         last = self.state.global_step >= self.state.max_steps  # the trial is done: nothing left to save
         if distributed.on_main(_report, trial, value, self.evaluations, last):
             self.callback_handler.on_train_end(self.args, self.state, self.control)
-            raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} ({value:.4f})")
+            metric = self.args.metric_for_best_model
+            raise optuna.TrialPruned(f"pruned at evaluation {self.evaluations} (valid {metric} {value:.4f})")
 
 
 def _report(trial: optuna.Trial, value: float, evaluation: int, last: bool) -> bool:
@@ -378,69 +324,3 @@ def _best_so_far(trial: Any, value: float) -> str:
     if (value < best.value) if minimize else (value > best.value):
         return f" (new best; was {best.value:.4f}, trial {best.number})"
     return f" (best so far {best.value:.4f}, trial {best.number})"
-
-
-# -- results -----------------------------------------------------------------------------------------------------
-def _finish(search: Search, folder: Path, direction: Direction, created: bool) -> TuneResult:
-    """Rank 0: trials.csv, trials.png and best.yaml from the study; without one finished trial, an error (and
-    a tune folder this call made is removed again)."""
-    import optuna
-
-    study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(folder))
-    frame = trials_frame(study.trials, list(search.space))
-    if not (frame["state"] == "COMPLETE").any():
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
-        failures = [t.user_attrs[FAILED] for t in study.trials if FAILED in t.user_attrs]
-        why = f"; the first failure: {failures[0]}" if failures else ""
-        raise UserError(f"tune: none of the {len(frame)} trial(s) finished ({_counts(frame)}){why}")
-    best = study.best_trial
-    files = {"trials": folder / TRIALS_FILE, "plot": folder / PLOT_FILE, "best": folder / BEST_FILE}
-    atomic_write(files["trials"], lambda tmp: frame.to_csv(tmp, index=False))
-    points = [(int(r.number), str(r.state), None if pd.isna(r.value) else float(r.value)) for r in frame.itertuples()]
-    plot_trials(points, search.metric, direction == "minimize", files["plot"])
-    config = with_values(search.base, best.params)
-    header = (
-        f"# textclass tune: trial {best.number} of {len(frame)} had the best valid {search.metric} ({best.value:.4f}).\n"
-        f"# Tuned: {', '.join(search.space)}. Train it with: textclass train --config {files['best']}\n"
-    )
-    body = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
-    atomic_write(files["best"], lambda tmp: Path(tmp).write_text(header + body, encoding="utf-8"))
-    log.info("tune: %s; best trial %d, valid %s %.4f", _counts(frame), best.number, search.metric, best.value)
-    assert best.value is not None  # a finished single-objective trial has one
-    return TuneResult(folder, search.metric, direction, best.number, best.value, dict(best.params), frame, files)
-
-
-def trials_frame(trials: list[optuna.trial.FrozenTrial], keys: list[str]) -> pd.DataFrame:
-    """One row per trial. `value`: a finished trial's value, or a pruned trial's last reported evaluation."""
-    rows = []
-    for t in trials:
-        reports = t.intermediate_values
-        value = t.value if t.state.name == "COMPLETE" else reports[max(reports)] if reports and t.state.name == "PRUNED" else None
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "value": value,
-                **{k: t.params.get(k) for k in keys},
-                "evaluations": len(reports),
-                "duration_s": round(t.duration.total_seconds(), 1) if t.duration else None,
-                "error": t.user_attrs.get(FAILED, ""),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _counts(frame: pd.DataFrame) -> str:
-    return ", ".join(f"{n} {state.lower()}" for state, n in frame["state"].value_counts().items())
-
-
-def format_trials(result: TuneResult) -> str:
-    """The trials as a table for the terminal, the best one marked, the error column only when a trial failed."""
-    frame = result.trials.copy()
-    frame.insert(0, "best", ["*" if n == result.best_trial else "" for n in frame["number"]])
-    frame = frame.rename(columns={"number": "trial"})
-    if not frame["error"].astype(bool).any():
-        frame = frame.drop(columns="error")
-    arrow = "lower" if result.direction == "minimize" else "higher"
-    return format_table(frame, title=f"trials: valid {result.metric} ({arrow} is better)", fixed=("value",))
