@@ -59,11 +59,18 @@ def world(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     (root / "link.csv").symlink_to(files["test"])
     (root / "sub").mkdir()
     (root / "dir.csv").mkdir()
+    (root / "space.yaml").write_text("training.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    (root / "space_bad_key.yaml").write_text("training.lr: {type: float, low: 1.0e-4, high: 1.0e-2}\n")
     return {"root": root, "run": run_dir, "damaged": damaged, "model": tiny_bert, "model_damaged": model_copy, **files}
 
 
 def _train(w: dict[str, Path], *extra: str) -> list[str]:
     return ["train", "--set", f"data.train={w['train']}", "--set", f"model.name={w['model']}", "--set", "model.max_length=16", *extra]
+
+
+def _tune(w: dict[str, Path], *extra: str, space: str = "space.yaml", output: str = "tuned") -> list:
+    model = ["--set", f"model.name={w['model']}", "--set", "model.max_length=16"]
+    return ["tune", "--set", f"data.train={w['train']}", *model, "--space", w["root"] / space, "-o", w["root"] / output, *extra]
 
 
 # (case id, arguments built from the world, words the one error line must contain)
@@ -149,6 +156,16 @@ CASES: list[Case] = [
     ("distill from_teacher and a model", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", "distill.student={from_teacher: true, layers: 1}", "--set", "model.dropout=0.2"], ("model", "from_teacher")),
     ("distill alpha above 1", lambda w: ["distill", "-t", w["run"], "-o", w["root"] / "s", "--set", "distill.alpha=1.5"], ("distill.alpha",)),
     ("unlabeled texts in train", lambda w: _train(w, "--set", "data.unlabeled=x.csv"), ("data.unlabeled", "textclass distill")),
+    # -- tune ----------------------------------------------------------------------------------------------
+    ("tune space not found", lambda w: _tune(w, space="nope.yaml"), ("nope.yaml", "search space file not found")),
+    ("tune unknown space key", lambda w: _tune(w, space="space_bad_key.yaml"), ("space_bad_key.yaml", "training.lr", "unknown")),
+    ("tune trials 0", lambda w: _tune(w, "--trials", "0"), ("--trials 0",)),
+    ("tune with kfold", lambda w: _tune(w, "--set", "training.kfold=3"), ("training.kfold", "one model per trial")),
+    ("tune bad pruner", lambda w: _tune(w, "--pruner", "asha"), ("--pruner asha",)),
+    ("tune missing train file", lambda w: _tune({**w, "train": w["root"] / "nope.csv"}), ("nope.csv", "file not found")),
+    ("tune output holds other files", lambda w: _tune(w, output="unrelated"), ("unrelated", "not a textclass tune folder")),
+    ("tune resume without a study", lambda w: _tune(w, "--resume", output="unrelated"), ("--resume but no study.db",)),
+    ("tune nproc 0", lambda w: _tune(w, "--nproc", "0"), ("--nproc 0",)),
     # -- data -----------------------------------------------------------------------------------------------
     ("data export unknown set", lambda w: ["data", "export", "no-such-set", w["root"] / "out"], ("no-such-set",)),
 ]
@@ -170,4 +187,4 @@ def test_mistake_is_one_line_exit_2_and_writes_nothing(world: dict[str, Path], a
 def test_at_least_forty_cases_cover_every_command() -> None:
     assert len(CASES) >= 40
     commands = {c[1]({k: Path("/x") for k in ("root", "run", "damaged", "model", "model_damaged", "train", "test")})[0] for c in CASES}
-    assert {"train", "evaluate", "predict", "export", "serve", "info", "data"} <= commands
+    assert {"train", "tune", "evaluate", "predict", "export", "serve", "info", "data"} <= commands

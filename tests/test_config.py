@@ -106,7 +106,7 @@ def test_yaml_errors(tmp_path: Path) -> None:
 def test_all_example_configs_validate() -> None:
     configs = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
     assert len(configs) >= 5
-    for p in configs:
+    for p in (p for p in configs if not p.name.endswith("_space.yaml")):  # tune's search spaces: test_tune.py
         # a distillation student's config may leave the data to its teacher (`distill_config` fills it in)
         load_config(p, ["data.dataset=bbc-news"] if "distill:" in p.read_text() else [])
 

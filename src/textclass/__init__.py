@@ -1,6 +1,6 @@
 """textclass: train, evaluate, compress, export and serve text classifiers.
 
-The public API: `train()`, `distill()`, `evaluate()`, `Classifier.load(DIR).predict([...])` (also `load(DIR)`).
+The public API: `train()`, `tune()`, `distill()`, `evaluate()`, `Classifier.load(DIR).predict([...])` (also `load(DIR)`).
 Heavy libraries (torch, transformers) are imported when these are first used.
 """
 
@@ -22,13 +22,14 @@ __all__ = [
     "merge",
     "prune",
     "train",
+    "tune",
     "zero_shot",
 ]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import textclass` (and `textclass --help`) must not pay for importing torch.
-    if name in ("Classifier", "distill", "evaluate", "load", "train", "zero_shot", "merge", "prune"):
+    if name in ("Classifier", "distill", "evaluate", "load", "train", "tune", "zero_shot", "merge", "prune"):
         from textclass import api
 
         return getattr(api, name)

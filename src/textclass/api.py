@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from textclass.config import Config, build_config, load_config
+from textclass.config import Config, apply_overrides, build_config, read_config_file
 from textclass.errors import UserError
 from textclass.inference.load import load_predictor
 from textclass.inference.predictor import BasePredictor
@@ -16,11 +17,21 @@ from textclass.rundir import EVAL_DIR
 
 
 def _as_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> Config:
+    raw, source = raw_config(config, overrides)
+    return build_config(raw, source=source)
+
+
+def raw_config(config: Config | dict | str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    """The config as a raw dict (a file read, or a copy), overrides applied, not yet validated; and its name."""
     if isinstance(config, Config):
-        return build_config(config.model_dump(mode="json"), overrides)
-    if isinstance(config, dict):
-        return build_config(config, overrides)
-    return load_config(config, overrides)
+        raw, source = config.model_dump(mode="json"), "config"
+    elif isinstance(config, dict):
+        raw, source = copy.deepcopy(config), "config"
+    elif config is None:
+        raw, source = {}, "config"
+    else:
+        raw, source = read_config_file(config)
+    return apply_overrides(raw, overrides or []), source
 
 
 def train(
@@ -69,6 +80,32 @@ def distill(
     listed = [teachers] if isinstance(teachers, (str, Path)) else list(teachers)
     cfg = distill_config(listed, config, overrides, output)
     return run_distillation(cfg, resume=resume, overwrite=overwrite)
+
+
+def tune(
+    config: Config | dict | str | Path | None,
+    space: str | Path,
+    trials: int = 20,
+    overrides: list[str] | None = None,
+    *,
+    output: str | Path | None = None,
+    seed: int | None = None,
+    pruner: Any = "median",
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Any:
+    """Hyper-parameter search around `config` (the base config, as for `train`) over `space` (a YAML file
+    of dotted config keys and their distributions) with Optuna; returns a `TuneResult` (best trial, every
+    trial's row, the files written). See docs/tune.md.
+
+    `trials`: in all (with `resume`, counting those finished before); `seed`: the sampler's (default
+    `training.seed`); `pruner`: "median", "none" or an Optuna pruner. Writes trials.csv, trials.png,
+    best.yaml (for `train`) and study.db into `output` (default runs/tune-NAME).
+    """
+    from textclass.training.tune import run_tune
+
+    raw, source = raw_config(config, overrides)
+    return run_tune(raw, space, trials, output, source=source, seed=seed, pruner=pruner, resume=resume, overwrite=overwrite)
 
 
 def evaluate(

@@ -109,6 +109,43 @@ def train(
 
 @app.command()
 @_interruptible
+def tune(
+    config: Path | None = typer.Option(None, "--config", "-c", help="The base YAML config every trial starts from."),
+    space: Path = typer.Option(..., "--space", help="YAML search space: dotted config keys -> distributions (docs/tune.md)."),
+    trials: int = typer.Option(20, "--trials", "-n", help="Trials in all (with --resume, counting the finished ones)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a key of the base config: --set training.epochs=2"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Tune folder (default runs/tune-NAME)."),
+    pruner: str = typer.Option("median", help="Stop trials worse than the median of earlier ones: median, or none."),
+    seed: int | None = typer.Option(None, help="Seed of the sampler (default training.seed): same seed, same trials."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the tune in --output (its study.db)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing tune folder."),
+    nproc: int | None = typer.Option(None, "--nproc", help="Train each trial with N processes (starts torchrun)."),
+) -> None:
+    """Search hyper-parameters with Optuna; writes trials.csv, trials.png and best.yaml (for `train`)."""
+    from textclass.api import raw_config
+    from textclass.api import tune as api_tune
+    from textclass.training import distributed
+    from textclass.training.tune import check_tune
+    from textclass.training.tune_folder import format_trials
+
+    if nproc is not None:
+        distributed.refuse_nproc(nproc)
+        raw, source = raw_config(config, list(set_))
+        check_tune(raw, space, trials, pruner, source)  # a mistake is one line here, not one per process
+        raise typer.Exit(distributed.launch(nproc, _without_option(sys.argv[1:], "--nproc")))
+    result = api_tune(
+        config, space, trials, list(set_), output=output, seed=seed, pruner=pruner, resume=resume, overwrite=overwrite
+    )
+    if not distributed.is_main_process():  # under torchrun rank 0 reports
+        return
+    typer.echo(format_trials(result))
+    typer.echo(f"best: trial {result.best_trial}, valid {result.metric} {result.best_value:.4f}")
+    typer.echo(f"best config: {result.files['best']} (train it: textclass train --config {result.files['best']})")
+    typer.echo(f"tune folder: {result.folder}")
+
+
+@app.command()
+@_interruptible
 def distill(
     teacher: list[Path] = typer.Option(..., "--teacher", "-t", help="Teacher run directory (repeat for several: averaged)."),
     config: Path | None = typer.Option(

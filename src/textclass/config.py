@@ -846,11 +846,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return build_config(raw, overrides, source)
 
 
-def read_config_file(path: str | Path) -> tuple[dict[str, Any], str]:
-    """A YAML config file as a raw dict (not yet validated) and its name for messages."""
+def read_config_file(
+    path: str | Path, what: str = "config", shape: str = "with sections data/model/training/evaluation"
+) -> tuple[dict[str, Any], str]:
+    """A YAML config file as a raw dict (not yet validated) and its name for messages. Other YAML mappings
+    (tune's search space) are read the same way: `what` names the file, `shape` says what it must hold."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: config file not found; check the path or copy one from configs/")
+        raise UserError(f"{p}: {what} file not found; check the path or copy one from configs/")
     try:
         loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -862,7 +865,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], str]:
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
-        raise UserError(f"{p}: a config must be a mapping with sections data/model/training/evaluation")
+        raise UserError(f"{p}: a {what} must be a mapping {shape}")
     return loaded, str(p)
 
 

@@ -44,3 +44,24 @@ def test_mlflow_offline_file_store_gets_the_curves_and_the_run_directory_is_unch
     history = [h for h in json.loads((tracked.run_dir / "training_log.json").read_text()) if "eval_accuracy" in h]
     assert [m.value for m in sorted(evals, key=lambda m: m.step)] == pytest.approx([h["eval_accuracy"] for h in history])
     assert runs[0].data.params["learning_rate"] == "0.003"
+
+
+def test_tune_logs_one_tracker_run_per_trial(tiny_bert: Path, toy_files: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import yaml
+
+    from textclass import tune
+
+    store = (tmp_path / "mlruns").as_uri()
+    for key, value in {"MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                       "MLFLOW_EXPERIMENT_NAME": "tune-test"}.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"training.learning_rate": {"type": "float", "low": 1e-3, "high": 5e-3}}))
+    cfg = tiny_config(tiny_bert, toy_files, tmp_path / "unused", epochs=1, precision="fp32", report_to=["mlflow"])
+    tune(cfg, tmp_path / "space.yaml", trials=2, output=tmp_path / "tune", pruner="none")
+    mlflow.set_tracking_uri(store)
+    runs = mlflow.search_runs(experiment_names=["tune-test"], output_format="list")
+    assert sorted(r.info.run_name for r in runs) == ["trial-0", "trial-1"]
+    rates = sorted(float(r.data.params["learning_rate"]) for r in runs)
+    assert len(set(rates)) == 2 and all(1e-3 <= r <= 5e-3 for r in rates)  # each trial's own values
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -141,3 +141,35 @@ def _series(log_history: list[dict], key: str) -> tuple[list[float], list[float]
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def plot_trials(trials: list[tuple[int, str, float | None]], metric: str, minimize: bool, path: Path) -> None:
+    """A hyper-parameter search: each trial's value (number, state, value) and the best value so far.
+
+    Finished trials are dots, pruned ones a grey cross at their last reported value; failed trials have no
+    value and are left out. The best-so-far line follows finished trials only, as the search's best does.
+    """
+    fig = _figure((8.0, 4.5))
+    ax = fig.subplots()
+    done = [(n, v) for n, state, v in trials if state == "COMPLETE" and v is not None and _is_number(v)]
+    pruned = [(n, v) for n, state, v in trials if state == "PRUNED" and v is not None and _is_number(v)]
+    if done:
+        numbers, values = zip(*done, strict=True)
+        ax.plot(numbers, values, "o", color="tab:blue", label="finished")
+        best = np.minimum.accumulate(values) if minimize else np.maximum.accumulate(values)
+        ax.step(numbers, best, where="post", color="tab:green", label="best so far")
+    if pruned:
+        numbers, values = zip(*pruned, strict=True)
+        ax.plot(numbers, values, "x", color="tab:gray", label="pruned (last report)")
+    if done or pruned:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no trial reported a value", ha="center", va="center", transform=ax.transAxes)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"valid {metric}")
+    ax.set_title(f"valid {metric} per trial ({'lower' if minimize else 'higher'} is better)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -109,7 +109,6 @@ def write_report(
 
 def format_report(report: dict, title: str = "") -> str:
     """Plain-text tables (headline metrics, then per class) for the CLI; numbers to 4 decimals."""
-    from rich.console import Console
     from rich.table import Table
 
     headline = Table(title=title or None, show_header=True)
@@ -127,10 +126,36 @@ def format_report(report: dict, title: str = "") -> str:
     for row in report.get("per_class", []):
         per_class.add_row(*(_fmt(row.get(c, "")) for c in columns))
 
-    console = Console(file=io.StringIO(), width=100, color_system=None, force_terminal=False, highlight=False)
-    console.print(headline)
-    if report.get("per_class"):
-        console.print(per_class)
+    return _render(headline, *([per_class] if report.get("per_class") else []))
+
+
+def format_table(frame: pd.DataFrame, title: str = "", fixed: tuple[str, ...] = ()) -> str:
+    """A data frame as a plain-text table for the CLI: text left, numbers right, floats to 4 significant
+    digits, or to 4 decimals in the `fixed` columns (metrics, which read best aligned)."""
+    from rich.table import Table
+
+    table = Table(title=title or None, show_header=True)
+    for column in frame.columns:
+        numeric = pd.api.types.is_numeric_dtype(frame[column]) and not pd.api.types.is_bool_dtype(frame[column])
+        table.add_column(str(column), justify="right" if numeric else "left")
+
+    def cell(column: str, v: Any) -> str:
+        if pd.isna(v):
+            return ""
+        return _fmt(v) if column in fixed else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    for row in frame.itertuples(index=False):
+        table.add_row(*(cell(c, v) for c, v in zip(frame.columns, row, strict=True)))
+    return _render(table, width=160)
+
+
+def _render(*tables: Any, width: int = 100) -> str:
+    """rich tables as plain text (no colour, no terminal codes), one after the other."""
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False, highlight=False)
+    for table in tables:
+        console.print(table)
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 

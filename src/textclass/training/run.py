@@ -67,28 +67,36 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> bool:
 
     Returns whether this call created the folder (an interrupted run may then remove it again).
     """
-    ckpt = run_dir / CHECKPOINTS_DIR
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir}: is a file, not a folder; choose another --output for the run directory")
-    if resume:
+    if resume and not run_dir.is_file():
         if last_complete_checkpoint(run_dir, quiet=True) is None:
             raise UserError(f"{run_dir}: --resume but no complete checkpoint there; train again without --resume")
         return False
-    existed = run_dir.exists()
-    if existed and any(run_dir.iterdir()):
-        finished, unfinished = (run_dir / CONFIG_FILE).exists(), pending_config(run_dir).exists()
-        if not finished and not unfinished:
-            raise UserError(f"{run_dir}: not empty and not a textclass run; choose another --output (nothing was changed)")
+    finished, unfinished = (run_dir / CONFIG_FILE).exists(), pending_config(run_dir).exists()
+    held = "a finished run" if finished else "checkpoints of an unfinished run" if unfinished else None
+    created = prepare_output(run_dir, "run directory", held, overwrite, "" if finished else ", or --resume")
+    (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
+    return created
+
+
+def prepare_output(folder: Path, what: str, held: str | None, overwrite: bool, also: str = "") -> bool:
+    """Create the output folder of a command, or clear it (`overwrite`) when it holds that command's own earlier
+    output (`held` says what; None: something else, which is never touched). `what` names the folder in
+    messages, `also` adds to the fix of an occupied one (", or --resume"). Returns whether the folder is new.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file, not a folder; choose another --output for the {what}")
+    existed = folder.exists()
+    if existed and any(folder.iterdir()):
+        if held is None:
+            raise UserError(f"{folder}: not empty and not a textclass {what}; choose another --output (nothing was changed)")
         if not overwrite:
-            what = "a finished run" if finished else "checkpoints of an unfinished run"
-            hint = "--overwrite or another --output" + ("" if finished else ", or --resume")
-            raise UserError(f"{run_dir}: already holds {what}; pass {hint}")
-        shutil.rmtree(run_dir)
+            raise UserError(f"{folder}: already holds {held}; pass --overwrite or another --output{also}")
+        shutil.rmtree(folder)
         existed = False
     try:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"{run_dir}: cannot create the run directory ({err.strerror}); choose another --output") from None
+        raise UserError(f"{folder}: cannot create the {what} ({err.strerror}); choose another --output") from None
     return not existed
 
 

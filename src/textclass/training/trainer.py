@@ -610,9 +610,17 @@ def collate_with_targets(collate: Callable[[list[dict[str, Any]]], dict[str, tor
 
 
 def build_trainer(
-    model: TextModel, train_ds: Any, valid_ds: Any, output_dir: Path, loss_fn: nn.Module, extra: ExtraTargets | None = None
+    model: TextModel,
+    train_ds: Any,
+    valid_ds: Any,
+    output_dir: Path,
+    loss_fn: nn.Module,
+    extra: ExtraTargets | None = None,
+    trainer_class: type[ClassifierTrainer] = ClassifierTrainer,
 ) -> ClassifierTrainer:
-    """Assemble the Trainer around the model object: our loss, metrics, collator and callbacks."""
+    """Assemble the Trainer around the model object: our loss, metrics, collator and callbacks.
+
+    `trainer_class`: a subclass for a Trainer with a role of its own (a tune trial, `training.tune`)."""
     cfg = model.cfg
     keys: tuple[str, ...] = tuple(extra.columns) if extra is not None else ()
     for name, values in extra.columns.items() if extra is not None else ():
@@ -627,7 +635,7 @@ def build_trainer(
     ds_config = None
     if cfg.training.deepspeed:
         ds_config = zero.deepspeed_config(cfg.training.deepspeed, model.network)
-    return ClassifierTrainer(
+    return trainer_class(
         model=model.network,
         args=training_arguments(cfg, model.family, output_dir, valid_ds is not None, ds_config),
         train_dataset=PackedRows(train_ds),
