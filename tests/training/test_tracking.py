@@ -27,6 +27,7 @@ def test_mlflow_offline_file_store_gets_the_curves_and_the_run_directory_is_unch
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store without it
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "textclass-test")
+    mlflow.set_tracking_uri(store.as_uri())  # the Trainer's callback reads the variable only while no URI is set in-process
     plain = train(tiny_config(tiny_bert, toy_files, tmp_path / "plain", epochs=2, precision="fp32"))
     tracked = train(tiny_config(tiny_bert, toy_files, tmp_path / "tracked", epochs=2, precision="fp32", report_to=["mlflow", "tensorboard"]))
 
@@ -56,6 +57,7 @@ def test_tune_logs_one_tracker_run_per_trial(tiny_bert: Path, toy_files: dict, t
     for key, value in {"MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
                        "MLFLOW_EXPERIMENT_NAME": "tune-test"}.items():
         monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(store)  # (as above: an earlier test in this process set another store)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"training.learning_rate": {"type": "float", "low": 1e-3, "high": 5e-3}}))
     cfg = tiny_config(tiny_bert, toy_files, tmp_path / "unused", epochs=1, precision="fp32", report_to=["mlflow"])
     tune(cfg, tmp_path / "space.yaml", trials=2, output=tmp_path / "tune", pruner="none")
