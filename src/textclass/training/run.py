@@ -189,14 +189,15 @@ def train_run(
     # What this machine or engine cannot train is refused before the run directory is touched.
     distributed.check_sparse_gradients(model.network, distributed.backend())
     resolve_precision(cfg.training.precision, model.family.cpu_autocast, bool(cfg.training.deepspeed))
+    ds_config = None
     if cfg.training.deepspeed:
         zero.check_supported(model.network)
-        zero.deepspeed_config(cfg.training.deepspeed, model.network)
+        ds_config = zero.deepspeed_config(cfg.training.deepspeed, model.network)
     created = distributed.on_main(_open_run_dir, run_dir, resume, overwrite, cfg)
     try:
         with distributed.main_process_first():  # rank 0 writes the tokenization cache, the others read it
             train_ds, valid_ds = tokenize(model, data.train), tokenize(model, data.valid)
-        trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn, extra)
+        trainer = build_trainer(model, train_ds, valid_ds, run_dir / CHECKPOINTS_DIR, loss_fn, extra, deepspeed=ds_config)
         # Chosen by rank 0 (which removes half-written checkpoints), so every rank resumes from the same one.
         checkpoint = distributed.on_main(last_complete_checkpoint, run_dir) if resume else None
         trainer.train(resume_from_checkpoint=checkpoint)

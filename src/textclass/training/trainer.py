@@ -617,10 +617,13 @@ def build_trainer(
     loss_fn: nn.Module,
     extra: ExtraTargets | None = None,
     trainer_class: type[ClassifierTrainer] = ClassifierTrainer,
+    deepspeed: dict[str, Any] | None = None,
 ) -> ClassifierTrainer:
     """Assemble the Trainer around the model object: our loss, metrics, collator and callbacks.
 
-    `trainer_class`: a subclass for a Trainer with a role of its own (a tune trial, `training.tune`)."""
+    `trainer_class`: a subclass for a Trainer with a role of its own (a tune trial, `training.tune`).
+    `deepspeed`: the DeepSpeed config of `training.deepspeed` (`zero.deepspeed_config`, made by the caller,
+    which checks it before it writes anything)."""
     cfg = model.cfg
     keys: tuple[str, ...] = tuple(extra.columns) if extra is not None else ()
     for name, values in extra.columns.items() if extra is not None else ():
@@ -632,12 +635,9 @@ def build_trainer(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
     if cfg.training.tensorboard or "tensorboard" in cfg.training.report_to:
         callbacks.append(tensorboard_callback(output_dir.parent / TENSORBOARD_DIR))
-    ds_config = None
-    if cfg.training.deepspeed:
-        ds_config = zero.deepspeed_config(cfg.training.deepspeed, model.network)
     return trainer_class(
         model=model.network,
-        args=training_arguments(cfg, model.family, output_dir, valid_ds is not None, ds_config),
+        args=training_arguments(cfg, model.family, output_dir, valid_ds is not None, deepspeed),
         train_dataset=PackedRows(train_ds),
         eval_dataset=None if valid_ds is None else PackedRows(valid_ds),  # numpy rows, as for training
         data_collator=collate_with_targets(model.collate, keys) if keys else model.collate,
